@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs, the synthetic dataset, and the location of ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfanet_core.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    return Path(os.environ.get("TFANET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """The tiny profile on a short schedule: seconds per test."""
+    return load_config("tiny", ["train.epochs=4"])
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tfanet_core.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, seed=0)
+    return root
+
+
+@pytest.fixture
+def real_data() -> Path:
+    root = shared_data_root()
+    if not (root / "README.md").is_file():
+        pytest.skip(f"real data not found at {root} (set TFANET_SHARED_DATA or put ../shared/data beside the repo)")
+    return root

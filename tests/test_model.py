@@ -1,0 +1,105 @@
+"""TFA-Net architecture: exact sizes, shapes for every profile, masking, template caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tfanet_core.config import load_config, profile_names
+from tfanet_core.info import model_info
+from tfanet_core.model import TemplateAggregator, patchify, sincos_pos_embed, unpatchify
+
+
+def test_patchify_lays_tokens_out_p_q_c_and_inverts() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 4, 12)
+    # first token = top-left 2x2 patch, channel fastest: (p=0,q=0,c=0..2), (p=0,q=1,c=0..2), ...
+    expected = torch.stack([x[0, :, 0, 0], x[0, :, 0, 1], x[0, :, 1, 0], x[0, :, 1, 1]]).reshape(-1)
+    assert torch.equal(tokens[0, 0], expected)
+    assert torch.equal(unpatchify(tokens, 2, 3), x)
+
+
+def test_sincos_embedding_has_zero_cls_row_and_distinct_positions() -> None:
+    table = sincos_pos_embed(16, 4)
+    assert table.shape == (1, 17, 16)
+    assert torch.count_nonzero(table[0, 0]) == 0
+    assert torch.unique(table[0, 1:], dim=0).shape[0] == 16
+
+
+@pytest.mark.slow
+def test_paper_profile_parameter_counts_are_exact() -> None:
+    info = model_info(load_config("paper"))
+    assert info["parameters"] == {
+        "backbone": 24_862_528,
+        "trainable": 148_711_936,
+        "paper_count": 173_573_696,
+    }
+    assert info["feature_shape"] == [1856, 64, 64]
+    assert info["tokens"] == 256
+    # with the template's tokens cached: backbone + transformer, ~72 GMAC (DESIGN: ~77 with the template embedding)
+    assert 70 < info["cost_per_image"]["gmacs"] < 78
+
+
+@pytest.mark.parametrize("profile", profile_names())
+def test_shapes_for_every_profile(profile: str) -> None:
+    config = load_config(profile)
+    f = config.features
+    channels = {"paper": 1856, "cpu": 192, "tiny": 64}.get(profile, 32)
+    model = TemplateAggregator(config.model, channels, f.feature_size).eval()
+    features = torch.randn(1, channels, f.feature_size, f.feature_size)
+    with torch.no_grad():
+        tokens = model(features)
+        target, predicted = model.reconstruct(features)
+    k = config.model.patch_size
+    assert tokens.shape == (1, (f.feature_size // k) ** 2, k * k * channels)
+    assert predicted.shape == target.shape == features.shape
+
+
+def _count_tfam_tokens(model: TemplateAggregator, features: torch.Tensor) -> int:
+    seen: list[int] = []
+    handle = model.tfam[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    model(features)
+    handle.remove()
+    return seen[0]
+
+
+def test_random_masking_drops_input_tokens_in_training_only() -> None:
+    config = load_config("tiny", ["model.mask_ratio=0.5"])
+    model = TemplateAggregator(config.model, 8, 16)
+    features = torch.randn(2, 8, 16, 16)
+    n = model.num_patches
+    model.train()
+    assert _count_tfam_tokens(model, features) == 1 + n // 2 + n
+    model.eval()
+    with torch.no_grad():
+        assert _count_tfam_tokens(model, features) == 1 + 2 * n
+    unmasked = TemplateAggregator(load_config("tiny").model, 8, 16).train()
+    assert _count_tfam_tokens(unmasked, features) == 1 + 2 * n
+
+
+def test_template_tokens_are_cached_in_inference_and_refreshed_on_change() -> None:
+    config = load_config("tiny")
+    model = TemplateAggregator(config.model, 8, 16).eval()
+    model.set_template(torch.randn(8, 16, 16))
+    calls = []
+    handle = model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(1, 8, 16, 16))
+        model(torch.randn(1, 8, 16, 16))
+    assert len(calls) == 3  # template once, each input once
+    model.set_template(torch.randn(8, 16, 16))
+    with torch.no_grad():
+        model(torch.randn(1, 8, 16, 16))
+    assert len(calls) == 5
+    handle.remove()
+
+
+def test_template_and_feature_statistics_travel_in_the_state_dict() -> None:
+    model = TemplateAggregator(load_config("tiny").model, 8, 16)
+    model.set_template(torch.full((8, 16, 16), 3.0))
+    model.set_feature_stats(torch.ones(8), torch.full((8,), 2.0))
+    state = model.state_dict()
+    assert torch.equal(state["template"], torch.full((8, 16, 16), 3.0))
+    assert torch.equal(state["feature_std"], torch.full((8,), 2.0))
+    assert "pos_embed" not in state  # fixed, rebuilt from the config

@@ -1,0 +1,189 @@
+"""Typed configuration: profiles from ``profiles.yaml`` plus ``--set key=value`` overrides.
+
+One dataclass per concern so that a bundle can store the *full* resolved config and a reader
+sees every number the model was built and trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class FeatureConfig:
+    backbone: str = "efficientnet_lite2"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    pool_stem: bool = False
+    image_size: int = 256
+    feature_size: int = 64
+    standardize: bool = False
+
+
+@dataclass
+class ModelConfig:
+    patch_size: int = 4
+    embed_dim: int = 768
+    tfam_depth: int = 12
+    tfam_heads: int = 12
+    decoder_dim: int = 512
+    fdrm_depth: int = 8
+    fdrm_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 400
+    batch_size: int = 4
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    cos_weight: float = 5.0
+    val_fraction: float = 0.1
+    selection: str = "last"
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class TemplateConfig:
+    strategy: str = "first"
+
+
+@dataclass
+class ScoringConfig:
+    map: str = "product"
+    sigma: float = 4.0
+    image_score: str = "std"
+    top_k: int = 100
+
+
+@dataclass
+class CalibrationConfig:
+    target_fpr: float = 0.01
+
+
+@dataclass
+class Config:
+    profile: str = "paper"
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        sections = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "profile"}
+        unknown = set(data) - set(sections) - {"profile"}
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        kwargs: dict[str, Any] = {"profile": data.get("profile", "custom")}
+        for name in sections:
+            section_cls = type(getattr(cls(), name))
+            values = data.get(name, {})
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            bad = set(values) - known
+            if bad:
+                raise ValueError(f"unknown key(s) {sorted(bad)} in config section '{name}'; known: {sorted(known)}")
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+
+PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+SCORING_MAPS = ("product", "sum")
+IMAGE_SCORES = ("std", "max", "topk")
+SELECTIONS = ("last", "val_loss")
+
+
+def _raw_profiles() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(PROFILES_FILE.read_text())
+
+
+def profile_names() -> list[str]:
+    return list(_raw_profiles())
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve(name: str, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if name not in raw:
+        raise ValueError(f"unknown profile '{name}'; choose one of {sorted(raw)}")
+    entry = dict(raw[name])
+    parent = entry.pop("inherit", None)
+    return _deep_merge(_resolve(parent, raw), entry) if parent else entry
+
+
+def _parse_value(text: str) -> Any:
+    """Values of ``--set`` are YAML scalars/lists, so ``layers=[1,2]`` and ``lr=1e-3`` just work."""
+    value = yaml.safe_load(text)
+    # YAML 1.1 reads "1e-3" as a string; accept it as the float everyone means.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override key '{key}' must be section.key, e.g. model.embed_dim")
+        section, name = parts
+        out.setdefault(section, {})[name] = _parse_value(text)
+    return out
+
+
+def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Config:
+    """The resolved config of a profile with ``section.key=value`` overrides applied and validated."""
+    data = _resolve(profile, _raw_profiles())
+    data["profile"] = profile
+    config = Config.from_dict(apply_overrides(data, overrides or []))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    f, m, s, t = config.features, config.model, config.scoring, config.train
+    problems = []
+    if f.feature_size % m.patch_size:
+        problems.append(f"features.feature_size={f.feature_size} is not a multiple of model.patch_size={m.patch_size}")
+    if m.embed_dim % m.tfam_heads:
+        problems.append(f"model.embed_dim={m.embed_dim} is not divisible by model.tfam_heads={m.tfam_heads}")
+    if m.decoder_dim % m.fdrm_heads:
+        problems.append(f"model.decoder_dim={m.decoder_dim} is not divisible by model.fdrm_heads={m.fdrm_heads}")
+    if not 0.0 <= m.mask_ratio < 1.0:
+        problems.append(f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
+    if s.map not in SCORING_MAPS:
+        problems.append(f"scoring.map={s.map!r} must be one of {SCORING_MAPS}")
+    if s.image_score not in IMAGE_SCORES:
+        problems.append(f"scoring.image_score={s.image_score!r} must be one of {IMAGE_SCORES}")
+    if t.selection not in SELECTIONS:
+        problems.append(f"train.selection={t.selection!r} must be one of {SELECTIONS}")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
