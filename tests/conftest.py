@@ -43,3 +43,14 @@ def real_data() -> Path:
     if not (root / "README.md").is_file():
         pytest.skip(f"real data not found at {root} (set TFANET_SHARED_DATA or put ../shared/data beside the repo)")
     return root
+
+
+@pytest.fixture(scope="session")
+def fabric_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny TFA-Net briefly trained on the synthetic fabric product (shared by the slower tests)."""
+    from tfanet_core.training import train_category
+
+    out = tmp_path_factory.mktemp("bundles") / "fabric"
+    config = load_config("tiny", ["train.epochs=12", "calibration.target_fpr=0.25"])
+    train_category(synth_root, "fabric", config, out, device="cpu", progress=False)
+    return out

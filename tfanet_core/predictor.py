@@ -1,0 +1,116 @@
+"""Inference from a bundle: the one code path behind the CLI, evaluation, MLflow and TorchServe.
+
+Batched, ``torch.inference_mode``, the template's tokens computed once per loaded bundle, and
+the backbone checked against the exact weights the bundle was trained on. On CUDA the
+transformer runs under bf16 autocast; on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tfanet_core.bundle import Bundle, BundleError, load_bundle
+from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.features import FeatureExtractor
+from tfanet_core.scoring import anomaly_map, image_score
+
+
+@dataclass
+class Prediction:
+    score: float
+    threshold: float | None
+    is_anomalous: bool | None
+    anomaly_map: np.ndarray | None = None  # [H, W] float32 at the model's input size
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: torch.device | str | None = None,
+        batch_size: int = 8,
+        extractor: FeatureExtractor | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size
+        self.extractor = extractor or FeatureExtractor(self.config.features)
+        expected = bundle.backbone.get("sha256")
+        if expected and self.extractor.weight_sha256 != expected:
+            raise BundleError(
+                f"backbone weights differ from the ones this bundle was trained on: {bundle.backbone.get('tag')} "
+                f"sha256 {self.extractor.weight_sha256[:12]}… here, {expected[:12]}… in the bundle"
+            )
+        self.extractor.to(self.device)
+        self.model = bundle.model.to(self.device).eval()
+        image_threshold = bundle.thresholds.get("image") or {}
+        self.threshold: float | None = image_threshold.get("value")
+
+    @classmethod
+    def from_bundle(cls, path: Path | str, device: torch.device | str | None = None, batch_size: int = 8) -> Predictor:
+        return cls(load_bundle(path), device=device, batch_size=batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.features.image_size
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _score_batch(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            target, predicted = self.model.reconstruct(features.to(self.device))
+        maps = anomaly_map(target.float(), predicted.float(), self.image_size, self.config.scoring)
+        return image_score(maps, self.config.scoring).cpu(), maps.cpu()
+
+    def _batched(self, inputs: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        scores, maps = [], []
+        for i in range(0, len(inputs), self.batch_size):
+            s, m = fn(inputs[i : i + self.batch_size])
+            scores.append(s)
+            maps.append(m)
+        if not scores:
+            return torch.empty(0), torch.empty(0, self.image_size, self.image_size)
+        return torch.cat(scores), torch.cat(maps)
+
+    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features [N, C, S, S] → (image scores [N], anomaly maps [N, H, W]), on the CPU."""
+        return self._batched(features, self._score_batch)
+
+    @torch.inference_mode()
+    def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores [N], maps [N, H, W])."""
+        return self._batched(images, lambda x: self._score_batch(self.extractor(x.to(self.device)).float()))
+
+    def _to_predictions(self, scores: torch.Tensor, maps: torch.Tensor, return_maps: bool) -> list[Prediction]:
+        out = []
+        for score, amap in zip(scores.tolist(), maps, strict=True):
+            flagged = None if self.threshold is None else bool(score > self.threshold)
+            out.append(Prediction(score, self.threshold, flagged, amap.numpy() if return_maps else None))
+        return out
+
+    def predict(self, images: Sequence[Image.Image], return_maps: bool = False) -> list[Prediction]:
+        batch = torch.stack([image_to_tensor(img, self.image_size) for img in images])
+        return self._to_predictions(*self.score_tensors(batch), return_maps)
+
+    def predict_paths(self, paths: Iterable[Path | str], return_maps: bool = False) -> list[Prediction]:
+        paths = list(paths)
+        out: list[Prediction] = []
+        for i in range(0, len(paths), self.batch_size):
+            out += self.predict([load_rgb(Path(p)) for p in paths[i : i + self.batch_size]], return_maps)
+        return out
