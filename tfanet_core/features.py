@@ -310,18 +310,26 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        maps = self.backbone(x)
+    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer maps at their native resolution: what a feature cache stores (4x smaller than fused)."""
+        maps = self.backbone((images - self.mean) / self.std)
         if self.config.pool_stem and 0 in self.config.layers:
             # timm's index 0 of a ResNet is before the maxpool; the paper's stem output is after it.
             i = self.config.layers.index(0)
             maps[i] = F.max_pool2d(maps[i], kernel_size=3, stride=2, padding=1)
+        return maps
+
+    def fuse(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Resize every layer to the feature size (bilinear, align_corners=True) and concatenate channels."""
         size = (self.config.feature_size, self.config.feature_size)
         resized = [
             m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=True) for m in maps
         ]
         return torch.cat(resized, dim=1)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.layer_maps(images))
 
     def describe(self) -> dict[str, object]:
         """What a bundle records so a model can only be loaded onto the backbone it was trained on."""
