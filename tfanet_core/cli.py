@@ -114,6 +114,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tfanet_core.evaluate import evaluate
+
+    metrics = evaluate(
+        args.bundle,
+        args.data,
+        args.category,
+        args.out,
+        device=args.device,
+        overlays_per_type=args.overlays,
+        progress=not args.quiet,
+    )
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+    print(json.dumps({"out": str(args.out), **{k: metrics.get(k) for k in keys}}))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from tfanet_core.data.synth import generate
 
@@ -149,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics, curves and overlays on a category's test split")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--category", required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and overlays")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overlays", type=int, default=2, help="overlay images per test folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("synth", help="write the synthetic MVTec-layout dataset")
     p.add_argument("--out", type=Path, required=True)
