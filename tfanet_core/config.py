@@ -36,6 +36,12 @@ class ModelConfig:
     fdrm_heads: int = 16
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.0
+    fader: bool = False
+    fader_hidden: int = 256
+    fader_margin: float = 1.0
+    fader_epochs: int = 50
+    fader_threshold: float = 3.0
+    fader_temperature: float = 0.5
 
 
 @dataclass
@@ -179,6 +185,12 @@ def validate(config: Config) -> None:
         problems.append(f"model.decoder_dim={m.decoder_dim} is not divisible by model.fdrm_heads={m.fdrm_heads}")
     if not 0.0 <= m.mask_ratio < 1.0:
         problems.append(f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
+    if m.fader and (m.fader_hidden < 1 or m.fader_epochs < 1 or m.fader_margin <= 0 or m.fader_temperature <= 0):
+        problems.append(
+            f"FADeR needs model.fader_hidden >= 1, model.fader_epochs >= 1, model.fader_margin > 0 and "
+            f"model.fader_temperature > 0 (got {m.fader_hidden}, {m.fader_epochs}, {m.fader_margin}, "
+            f"{m.fader_temperature})"
+        )
     if s.map not in SCORING_MAPS:
         problems.append(f"scoring.map={s.map!r} must be one of {SCORING_MAPS}")
     if s.image_score not in IMAGE_SCORES:

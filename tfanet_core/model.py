@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from tfanet_core.config import ModelConfig
+from tfanet_core.fader import FeatureAttenuator
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_row: bool = True) -> torch.Tensor:
@@ -103,6 +104,12 @@ class TemplateAggregator(nn.Module):
         self.register_buffer("feature_std", torch.ones(in_channels))
         self._template_cache: torch.Tensor | None = None
         self._init_weights()
+        # Built last, so the TFA-Net weights are initialized identically with FADeR on and off.
+        self.fader = (
+            FeatureAttenuator(d, config.fader_hidden, config.fader_threshold, config.fader_temperature)
+            if config.fader
+            else None
+        )
 
     def _init_weights(self) -> None:
         # MAE-style: xavier on linear layers and the (flattened) patch projection, small normal cls token.
@@ -145,9 +152,12 @@ class TemplateAggregator(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
 
+    def content_tokens(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Patch-embedded tokens [B, L, D] before positions are added: what FADeR reads and attenuates."""
+        return self.patch_embed(standardized).flatten(2).transpose(1, 2)
+
     def _embed(self, standardized: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_embed(standardized).flatten(2).transpose(1, 2)
-        return tokens + self.pos_embed[:, 1:]
+        return self.content_tokens(standardized) + self.pos_embed[:, 1:]
 
     def template_tokens(self) -> torch.Tensor:
         """Embedded template tokens [1, L, D]; cached in inference, where weights cannot change."""
@@ -162,7 +172,10 @@ class TemplateAggregator(nn.Module):
     def forward(self, standardized: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standardized input features [B, C, S, S] → predicted tokens [B, L, K²·C] (standardized space)."""
         b = standardized.shape[0]
-        inputs = self._embed(standardized)
+        content = self.content_tokens(standardized)
+        if self.fader is not None and self.fader.is_fitted:
+            content = content * self.fader.mask(content).unsqueeze(-1)
+        inputs = content + self.pos_embed[:, 1:]
         if self.training and self.config.mask_ratio > 0:
             inputs = drop_random_tokens(inputs, self.config.mask_ratio, generator)
         template = self.template_tokens().expand(b, -1, -1)
