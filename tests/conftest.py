@@ -54,3 +54,7 @@ def fabric_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     config = load_config("tiny", ["train.epochs=12", "calibration.target_fpr=0.25"])
     train_category(synth_root, "fabric", config, out, device="cpu", progress=False)
     return out
+
+
+# Real-server fixtures (tests/servers.py): registered once, so all modules share one session stack.
+pytest_plugins = ["servers"]

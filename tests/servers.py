@@ -1,0 +1,26 @@
+"""Real servers for tests: SeaweedFS S3 + MLflow, started once per session on free loopback ports.
+
+Registered through ``pytest_plugins`` in conftest.py (not imported into test modules: an
+imported session fixture is a separate fixture per module, so the stack would start twice).
+Started lazily by the first test that asks for it; always stopped by PID/process group at
+the end of the session, also when a test failed or the start itself timed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from components.stack import LocalStack  # stdlib-only at import time: cheap for every test session
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A running stack in a temporary state dir (MLflow needs 30-50 s on a fresh database)."""
+    stack = LocalStack(tmp_path_factory.mktemp("stack"))
+    try:
+        stack.start(timeout=300)
+        yield stack
+    finally:
+        stack.stop()
