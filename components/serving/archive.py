@@ -1,0 +1,127 @@
+"""Package a model bundle as ``tfanet-<product>.mar`` for TorchServe.
+
+The archive holds the bundle unchanged under ``bundle/`` (so the handler loads it with the one
+loader, ``load_bundle``), ``payload.py`` beside the handler, and ``serving.json``: product, model
+version (= the MLflow registry version once the registry step passes it) and where the bundle came
+from. The TorchServe model version is the same string, so ``/predictions/tfanet-<product>/<version>``
+and the ``model_version`` field of every response name the registry version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from components.serving.handler import BUNDLE_DIR, MANIFEST_FILE
+from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE, read_metadata
+
+HERE = Path(__file__).resolve().parent
+HANDLER = HERE / "handler.py"
+PAYLOAD = HERE / "payload.py"
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ArchiveError(RuntimeError):
+    """The archive could not be built; the message says why and what to do."""
+
+
+def model_name(product: str) -> str:
+    """The TorchServe model name of a product (also the MLflow registered model name)."""
+    return f"tfanet-{product}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _archiver() -> Path:
+    exe = Path(sys.executable).with_name("torch-model-archiver")
+    if not exe.is_file():
+        raise ArchiveError(f"{exe} not found: install the serving extras (`pip install -e '.[mlops]'`)")
+    return exe
+
+
+def build_archive(
+    bundle: Path | str,
+    product: str,
+    model_version: str,
+    export_dir: Path | str,
+    *,
+    source: dict[str, Any] | None = None,
+    filename: str | None = None,
+) -> Path:
+    """Build ``export_dir/<filename>`` (default ``tfanet-<product>.mar``) from a bundle; returns its path.
+
+    ``source`` describes the model's origin for the record (the registry step passes e.g.
+    ``{"kind": "mlflow", "registered_model": ..., "version": ..., "run_id": ...}``); without it the
+    bundle's path is recorded. The file is replaced atomically, so a server never reads half of it.
+    """
+    bundle = Path(bundle).resolve()
+    if not _NAME.match(product):
+        raise ArchiveError(f"product {product!r} is not a valid TorchServe model name part: use letters, digits, _ . -")
+    if not _VERSION.match(str(model_version)):
+        raise ArchiveError(f"model version {model_version!r} must be letters, digits, _ . - (e.g. the registry's '3')")
+    meta = read_metadata(bundle)
+    name = model_name(product)
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "model_name": name,
+        "product": product,
+        "model_version": str(model_version),
+        "category": meta.get("dataset", {}).get("category"),
+        "bundle": {
+            "files": {f: _sha256(bundle / f) for f in (METADATA_FILE, WEIGHTS_FILE)},
+            "tfanet_version": meta.get("tfanet_version"),
+            "backbone": meta.get("backbone", {}).get("tag"),
+            "profile": meta.get("config", {}).get("profile"),
+        },
+        "source": source or {"kind": "bundle", "path": str(bundle)},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with tempfile.TemporaryDirectory(prefix=f"{name}-mar-") as tmp:
+        stage = Path(tmp) / "stage"
+        (stage / BUNDLE_DIR).mkdir(parents=True)
+        for f in (METADATA_FILE, WEIGHTS_FILE):
+            shutil.copy2(bundle / f, stage / BUNDLE_DIR / f)
+        shutil.copy2(PAYLOAD, stage / PAYLOAD.name)
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        out = Path(tmp) / "out"
+        out.mkdir()
+        cmd = [
+            str(_archiver()),
+            *("--model-name", name, "--version", str(model_version), "--handler", str(HANDLER)),
+            *("--extra-files", str(stage), "--export-path", str(out), "--force"),
+        ]
+        # The archiver stages files in $TMPDIR/<model-name>: a private TMPDIR keeps parallel builds apart.
+        env = {**os.environ, "TMPDIR": tmp}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        built = out / f"{name}.mar"
+        if proc.returncode != 0 or not built.is_file():
+            raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        target = export_dir / (filename or f"{name}.mar")
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(built, partial)
+        os.replace(partial, target)
+    return target
+
+
+def read_manifest(mar: Path | str) -> dict[str, Any]:
+    """``serving.json`` of a built archive: what a deploy step checks before registering it."""
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read(MANIFEST_FILE))
