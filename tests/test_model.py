@@ -45,7 +45,7 @@ def test_paper_profile_parameter_counts_are_exact() -> None:
 def test_shapes_for_every_profile(profile: str) -> None:
     config = load_config(profile)
     f = config.features
-    channels = {"paper": 1856, "cpu": 192, "tiny": 64}.get(profile, 32)
+    channels = {"paper": 1856, "cpu": 192, "tiny": 176}.get(profile, 32)
     model = TemplateAggregator(config.model, channels, f.feature_size).eval()
     features = torch.randn(1, channels, f.feature_size, f.feature_size)
     with torch.no_grad():
