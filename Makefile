@@ -24,17 +24,12 @@ test: venv lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not server"
 
-DEMO := runs/demo
+# The whole local chain (infra/local/demo.py): stack on 127.0.0.1, synthetic data under DVC, `dvc repro`, MLflow UI.
 demo: venv
-	$(BIN)/tfanet synth --out $(DEMO)/data
-	$(BIN)/tfanet train --data $(DEMO)/data --category fabric --profile tiny --out $(DEMO)/bundles/fabric
-	$(BIN)/tfanet evaluate --bundle $(DEMO)/bundles/fabric --data $(DEMO)/data --category fabric --out $(DEMO)/eval/fabric
-	$(BIN)/tfanet predict --bundle $(DEMO)/bundles/fabric $(DEMO)/data/fabric/test/good/000.png $(DEMO)/data/fabric/test/hole/000.png
-	@echo "Evaluation report: $(DEMO)/eval/fabric (metrics.json, curves, overlays)."
-	@echo "The MLOps chain (DVC, MLflow, TorchServe) is not yet available in the demo: it arrives with its issues."
+	$(BIN)/python -m infra.local.demo
 
 stop:
-	@echo "nothing to stop: the local stack arrives with the MLOps chain"
+	@if test -x $(BIN)/python; then $(BIN)/python -m infra.local.stack stop; else echo "no .venv: nothing was started"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,417 @@
+"""The pipeline steps: prepare → validate → features → template → train → evaluate → calibrate → register.
+
+Each step is a plain function of paths and params (a product's section of ``params.yaml``), so
+the DVC stages (``tfanet stage <step>``, see :mod:`components.cli`) and the kfp components call
+the same code. Each one is thin: it resolves the product's config, calls ``tfanet_core`` and
+writes its outputs; only :func:`register` talks to MLflow. The deploy step slots in after
+register and reads ``registry.json`` (the registered version and whether it became champion).
+
+Layout of one product's outputs (``RUNS/<product>/``, what ``dvc.yaml`` declares)::
+
+    manifest.csv  dataset.json        prepare   (dataset.json: manifest version = the dataset version)
+    validation/                       validate  (Data Docs + validation.json)
+    features/                         features  (the feature cache of the train/val images)
+    template.json                     template
+    model/  checkpoints/  history.json  train   (checkpoints persist, so a killed train resumes)
+    metrics.json  plots/  overlays/   evaluate
+    bundle/  calibration.json         calibrate (the bundle that is registered and served)
+    registry.json                     register
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tfanet_core.config import Config, load_config
+from tfanet_core.config import validate as validate_config
+from tfanet_core.data.images import DataError, is_image_file, open_image
+from tfanet_core.data.layouts import GOOD, Sample, discover, split_validation
+from tfanet_core.data.manifest import Manifest, ManifestRow, build_manifest
+
+__all__ = [
+    "CONFIG_SECTIONS",
+    "ProductPaths",
+    "calibrate",
+    "evaluate",
+    "features",
+    "load_params",
+    "prepare",
+    "product_config",
+    "register",
+    "template",
+    "train",
+    "validate",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_SECTIONS = ("features", "model", "train", "template", "scoring", "calibration")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductPaths:
+    """Where one product's step outputs live; dvc.yaml declares exactly these paths."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, runs: Path | str, product: str) -> ProductPaths:
+        return cls(Path(runs) / product)
+
+    manifest = property(lambda self: self.root / "manifest.csv")
+    dataset = property(lambda self: self.root / "dataset.json")
+    validation = property(lambda self: self.root / "validation")
+    features = property(lambda self: self.root / "features")
+    template = property(lambda self: self.root / "template.json")
+    model = property(lambda self: self.root / "model")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    history = property(lambda self: self.root / "history.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    plots = property(lambda self: self.root / "plots")
+    overlays = property(lambda self: self.root / "overlays")
+    bundle = property(lambda self: self.root / "bundle")
+    calibration = property(lambda self: self.root / "calibration.json")
+    registry = property(lambda self: self.root / "registry.json")
+
+
+# --- params ---------------------------------------------------------------------------------------------
+
+
+def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no params file; run from the DVC project root (where dvc.yaml is)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def product_params(params: Mapping[str, Any], product: str) -> dict[str, Any]:
+    products = params.get("products") or {}
+    if product not in products:
+        raise ValueError(f"product '{product}' is not in params.yaml (products: {sorted(products)}); add a section")
+    return dict(products[product])
+
+
+def product_config(section: Mapping[str, Any]) -> Config:
+    """The model config of a product: its ``profile`` with every section of params.yaml laid over it."""
+    data = load_config(section.get("profile", "cpu")).to_dict()
+    for name in CONFIG_SECTIONS:
+        data[name] = {**data[name], **(section.get(name) or {})}
+    config = Config.from_dict(data)
+    validate_config(config)
+    return config
+
+
+def _category(section: Mapping[str, Any], product: str) -> str:
+    return str((section.get("data") or {}).get("category", product))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# --- prepare ---------------------------------------------------------------------------------------------
+
+
+def _inventory(root: Path, category: str, val_fraction: float, seed: int) -> Manifest:
+    """What is on disk, bad files included, for an MVTec AD folder whose strict manifest build failed.
+
+    The strict build stops at the first kind of problem (an unreadable image, a defect image
+    without its mask). Listing the files as they are — with the masks the layout *expects* —
+    lets the validation step name every problem of the dataset in one report instead.
+    """
+    cat = root / category
+    rows = []
+    for split_dir, split in ((cat / "train", "train"), (cat / "test", "test")):
+        for label_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else ():
+            if split == "train" and label_dir.name != GOOD:
+                continue
+            for path in sorted(p for p in label_dir.iterdir() if is_image_file(p)):
+                data = path.read_bytes()
+                try:
+                    img = open_image(path, data)
+                    width, height, mode = img.size[0], img.size[1], img.mode
+                except DataError:
+                    width, height, mode = 0, 0, "unreadable"
+                label = label_dir.name
+                masks: tuple[str, ...] = ()
+                mask_sha: tuple[str, ...] = ()
+                if label != GOOD:
+                    mask = cat / "ground_truth" / label / f"{path.stem}_mask.png"
+                    masks = (mask.relative_to(root).as_posix(),)
+                    mask_sha = (_sha256(mask.read_bytes()),) if mask.is_file() else ()
+                rows.append(
+                    ManifestRow(
+                        path=path.relative_to(root).as_posix(),
+                        sha256=_sha256(data),
+                        category=category,
+                        split=split,
+                        label=label,
+                        defect_type=None if label == GOOD else label,
+                        mask_paths=masks,
+                        mask_sha256=mask_sha,
+                        width=width,
+                        height=height,
+                        mode=mode,
+                    )
+                )
+    if not rows:
+        raise DataError(f"{cat}: no images found (expected train/good and test/<type> folders)")
+    samples = [Sample(root / r.path, r.split, r.label) for r in rows]
+    val = {s.path for s in split_validation(samples, val_fraction, seed) if s.split == "val"}
+    return Manifest([dataclasses.replace(r, split="val") if root / r.path in val else r for r in rows], root)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def prepare(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """The manifest of one product (one row per image, with its split) and the dataset version.
+
+    A dataset the strict reader rejects still gets a manifest of what is on disk (MVTec AD
+    layout), marked ``"strict": false``: the validate step then stops the chain naming every
+    problem at once.
+    """
+    root = Path(data_root)
+    category = _category(section, product)
+    config = product_config(section)
+    strict = True
+    try:
+        manifest = build_manifest(root, category, config.train.val_fraction, config.train.seed)
+    except DataError as exc:
+        log.warning("%s/%s: strict manifest build failed; validation will name the problems:\n%s", root, category, exc)
+        manifest = _inventory(root, category, config.train.val_fraction, config.train.seed)
+        strict = False
+    manifest.write(paths.manifest)
+    counts: dict[str, int] = {}
+    for (split, _label), n in manifest.counts().items():
+        counts[split] = counts.get(split, 0) + n
+    info = {
+        "product": product,
+        "category": category,
+        "root": str(root),
+        "version": manifest.version,
+        "n_images": len(manifest),
+        "counts": counts,
+        "strict": strict,
+    }
+    _write_json(paths.dataset, info)
+    return info
+
+
+def _dataset(paths: ProductPaths) -> dict[str, Any]:
+    if not paths.dataset.is_file():
+        raise FileNotFoundError(f"{paths.dataset} is missing: run the prepare step first (dvc repro)")
+    return json.loads(paths.dataset.read_text())
+
+
+# --- validate --------------------------------------------------------------------------------------------
+
+
+def validate(data_root: Path | str, rules: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """The great-expectations gate over the manifest: raises ValidationFailed naming every problem."""
+    from components.validate import ValidationRules, validate_manifest
+
+    manifest = Manifest.read(paths.manifest, data_root)
+    report = validate_manifest(manifest, rules=ValidationRules.from_params(rules), docs_dir=paths.validation)
+    return report.to_dict()
+
+
+# --- features, template, train ----------------------------------------------------------------------------
+
+
+def _split(data_root: Path, category: str, config: Config) -> tuple[list[Path], list[Path]]:
+    """Train and val image paths, split exactly as ``train_category`` splits them."""
+    samples = split_validation(discover(data_root, category), config.train.val_fraction, config.train.seed)
+    return [s.path for s in samples if s.split == "train"], [s.path for s in samples if s.split == "val"]
+
+
+def features(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """Fill the product's feature cache with every normal train/val image, whatever the later split.
+
+    Template, train and calibrate then read features without running the backbone; a new
+    split or a retrain costs no extraction.
+    """
+    from tfanet_core.cache import FeatureCache
+    from tfanet_core.features import FeatureExtractor, extract_features
+
+    config = product_config(section)
+    train, val = _split(Path(data_root), _category(section, product), config)
+    cache = FeatureCache(paths.features)
+    images = sorted(train + val)
+    extract_features(
+        FeatureExtractor(config.features), images, config.train.batch_size, desc=f"features {product}", cache=cache
+    )
+    stats = cache.stats.to_dict() | {"images": len(images)}
+    log.info("features %s: %s", product, stats)
+    return stats
+
+
+def template(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """The template image choice (``template.json``), from the cached features."""
+    from tfanet_core.templates import template_for_category, write_choice
+
+    config = product_config(section)
+    record = template_for_category(data_root, _category(section, product), config, cache_dir=paths.features)
+    write_choice(record, paths.template)
+    return record
+
+
+def train(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """Fit TFA-Net with the chosen template; resumes from ``checkpoints/`` after a kill."""
+    from tfanet_core.training import train_category
+
+    config = product_config(section)
+    bundle = train_category(
+        data_root,
+        _category(section, product),
+        config,
+        paths.model,
+        checkpoint_dir=paths.checkpoints,
+        dataset_version=_dataset(paths)["version"],
+        cache_dir=paths.features,
+        template_file=paths.template,
+    )
+    _write_json(paths.history, bundle.training["history"])
+    return {"best_epoch": bundle.training["best_epoch"], "epochs": len(bundle.training["history"])}
+
+
+# --- evaluate, calibrate --------------------------------------------------------------------------------
+
+
+def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """Test-split metrics of the trained model: ``metrics.json`` (DVC metrics), ``plots/``, ``overlays/``.
+
+    Runs before calibrate: the metrics (AUROC, AUPRO, F1-max) do not depend on the threshold,
+    so a new calibration target re-runs calibrate and register only.
+    """
+    from tfanet_core.evaluate import evaluate as evaluate_bundle
+
+    with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
+        metrics = evaluate_bundle(paths.model, data_root, _category(section, product), tmp)
+        for out in (paths.plots, paths.overlays):
+            shutil.rmtree(out, ignore_errors=True)
+        paths.plots.mkdir(parents=True)
+        for png in Path(tmp).glob("*.png"):
+            shutil.move(png, paths.plots / png.name)
+        shutil.move(Path(tmp) / "overlays", paths.overlays)
+    metrics["bundle"] = str(paths.model)
+    _write_json(paths.metrics, metrics)
+    return metrics
+
+
+def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
+    """Thresholds at the product's ``calibration`` settings on the held-out normals → the final bundle."""
+    from tfanet_core.bundle import load_bundle
+    from tfanet_core.cache import FeatureCache
+    from tfanet_core.features import FeatureExtractor, extract_features
+    from tfanet_core.predictor import Predictor
+    from tfanet_core.training import calibrate_on_normals
+
+    config = product_config(section)
+    bundle = load_bundle(paths.model)
+    bundle.config = dataclasses.replace(bundle.config, calibration=config.calibration)
+    _, val = _split(Path(data_root), _category(section, product), bundle.config)
+    extractor = FeatureExtractor(bundle.config.features)
+    val_features = extract_features(extractor, val, desc="val features", cache=FeatureCache(paths.features))
+    predictor = Predictor(bundle, extractor=extractor)
+    bundle.thresholds = calibrate_on_normals(predictor, val_features, config.calibration.target_fpr)
+    if not bundle.thresholds:
+        raise ValueError(f"{product}: no validation images to calibrate on; set train.val_fraction > 0")
+    bundle.save(paths.bundle)
+    summary = {
+        "target_fpr": config.calibration.target_fpr,
+        "image_threshold": bundle.thresholds["image"]["value"],
+        "pixel_threshold": bundle.thresholds["pixel"]["value"],
+        "n_val": len(val),
+    }
+    _write_json(paths.calibration, summary)
+    return summary
+
+
+# --- register --------------------------------------------------------------------------------------------
+
+
+def _probe_images(data_root: Path, category: str) -> list[Path]:
+    """One normal and one defective test image: what the registered model must score like the bundle."""
+    test = [s for s in discover(data_root, category) if s.split == "test"]
+    good = [s.path for s in test if not s.is_anomalous][:1]
+    bad = [s.path for s in test if s.is_anomalous][:1]
+    return good + bad
+
+
+def register(
+    data_root: Path | str,
+    product: str,
+    section: Mapping[str, Any],
+    paths: ProductPaths,
+    promotion: Mapping[str, Any],
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Log the run (params, metrics, plots, the bundle as a pyfunc), register it as candidate, then gate it.
+
+    ``champion`` moves only if the gate passes (:mod:`components.promotion`); either way the
+    decision and its reason are in ``registry.json`` and on the model version's tags.
+    """
+    from components.promotion import GatePolicy, promote
+    from components.tracking import log_training_run
+
+    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError(
+            "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "
+            'eval "$(python -m infra.local.stack env)"'
+        )
+    dataset = _dataset(paths)
+    probes = _probe_images(Path(data_root), _category(section, product))
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluation = Path(tmp) / "evaluation"
+        shutil.copytree(paths.plots, evaluation / "plots")
+        shutil.copytree(paths.overlays, evaluation / "overlays")
+        shutil.copy(paths.calibration, evaluation / "calibration.json")
+        run = log_training_run(
+            product,
+            paths.bundle,
+            metrics=paths.metrics,
+            dataset_version=dataset["version"],
+            params=dict(section),
+            artifacts_dir=evaluation,
+            example_images=probes,
+            run_name=f"{product}-{dataset['version'][:8]}",
+            tracking_uri=tracking_uri,
+        )
+    decision = promote(
+        product,
+        run.version,
+        policy=GatePolicy.from_params(promotion),
+        probe_images=probes,
+        bundle_dir=paths.bundle,
+        tracking_uri=tracking_uri,
+    )
+    record = {
+        "product": product,
+        "run_id": run.run_id,
+        "experiment_id": run.experiment_id,
+        "registered_model": run.registered_name,
+        "version": run.version,
+        "decision": decision.decision,
+        "reason": decision.reason,
+        "previous_champion": decision.champion_version,
+        "dataset_version": dataset["version"],
+    }
+    _write_json(paths.registry, record)
+    log.info("%s v%s: %s (%s)", run.registered_name, run.version, decision.decision, decision.reason)
+    return record

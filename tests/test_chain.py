@@ -1,0 +1,278 @@
+"""The local MLOps chain end to end: `dvc repro` of dvc.yaml on the synthetic data, real MLflow + SeaweedFS.
+
+One temporary DVC project (a git repo with this repository's dvc.yaml and params.yaml, the tiny
+profile cut to a few epochs) goes through the scenarios in order, as a user would: the first
+run registers a champion; a second run does nothing; a worse training setting re-runs only
+train and what follows and is not promoted; a run killed in the middle of training finishes on
+the next `dvc repro`; a new dataset version is pushed beside the old one. The working tree is
+never touched. The browser test opens the MLflow UI of the same server in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from components.stack import LocalStack
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EPOCHS = 5
+
+
+class Project:
+    """The temporary DVC project and the environment its stages run in."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=1800)
+        if check and proc.returncode != 0:
+            tail = proc.stdout[-4000:] + proc.stderr[-4000:]
+            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{tail}")
+        return proc
+
+    def repro(self) -> set[str]:
+        """Run `dvc repro`; the stages that actually ran."""
+        out = self.run(str(BIN / "dvc"), "repro").stdout
+        return set(re.findall(r"^Running stage '([^']+)'", out, flags=re.M))
+
+    def set_param(self, product: str, section: str, key: str, value: Any) -> None:
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        params["products"][product][section][key] = value
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def registry(self, product: str) -> dict[str, Any]:
+        return json.loads((self.root / "runs" / product / "registry.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def project(local_stack: LocalStack, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    root = tmp_path_factory.mktemp("chain")
+    env = os.environ | local_stack.client_env() | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    p = Project(root, env)
+    dvc = str(BIN / "dvc")
+    p.run("git", "init", "-q")
+    p.run(dvc, "init", "-q")
+    p.run(dvc, "config", "core.analytics", "false")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in params["products"].values():
+        section["train"] |= {"epochs": EPOCHS, "checkpoint_every": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(synth_root, root / "data" / "synth")
+    p.run(dvc, "add", "-q", "data/synth")
+    p.run(dvc, "remote", "add", "-d", "store", "s3://dvc/store")
+    p.run(dvc, "remote", "modify", "--local", "store", "endpointurl", local_stack.s3_endpoint)
+    p.run(dvc, "remote", "modify", "--local", "store", "access_key_id", env["AWS_ACCESS_KEY_ID"])
+    p.run(dvc, "remote", "modify", "--local", "store", "secret_access_key", env["AWS_SECRET_ACCESS_KEY"])
+    p.run(dvc, "push", "-q")
+    return p
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Project) -> set[str]:
+    """The first `dvc repro`, committed in the temporary repo so that `dvc params diff` has a baseline."""
+    ran = project.repro()
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "first run")
+    return ran
+
+
+def test_first_run_trains_registers_and_promotes(project: Project, first_run: set[str]) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.promotion import max_score_difference
+    from components.steps import ProductPaths, _probe_images
+
+    steps = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register")
+    assert first_run == {f"{s}@{p}" for s in steps for p in ("fabric", "bracket")}
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    for product in ("fabric", "bracket"):
+        record = project.registry(product)
+        assert (record["version"], record["decision"]) == ("1", "promoted")
+        champion = client.get_model_version_by_alias(f"tfanet-{product}", "champion")
+        assert champion.version == "1" and champion.run_id == record["run_id"]
+        run = client.get_run(record["run_id"])
+        metrics = json.loads((project.root / "runs" / product / "metrics.json").read_text())
+        for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+            assert run.data.metrics[name] == pytest.approx(metrics[name])
+        assert run.data.params["train.epochs"] == str(EPOCHS)
+        assert run.data.tags["tfanet.dataset_version"] == record["dataset_version"]
+        artifacts = {a.path for a in client.list_artifacts(record["run_id"], "evaluation")}
+        assert {"evaluation/plots", "evaluation/overlays", "evaluation/calibration.json"} <= artifacts
+        assert "roc.png" in {Path(a.path).name for a in client.list_artifacts(record["run_id"], "evaluation/plots")}
+    paths = ProductPaths.of(project.root / "runs", "fabric")
+    probes = _probe_images(project.root / "data" / "synth", "fabric")
+    assert max_score_difference("models:/tfanet-fabric@champion", probes, paths.bundle) < 1e-4
+    assert json.loads((paths.root / "history.json").read_text())[-1]["epoch"] == EPOCHS
+    shown = project.run(str(BIN / "dvc"), "metrics", "show", "--json").stdout
+    assert json.loads(shown)[""]["data"]["runs/fabric/metrics.json"]["data"]["image_auroc"] > 0.5
+
+
+def test_second_repro_runs_nothing(project: Project, first_run: set[str]) -> None:
+    assert project.repro() == set()
+
+
+def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
+    project: Project, first_run: set[str]
+) -> None:
+    project.set_param("fabric", "train", "epochs", 1)
+    assert project.repro() == {"train@fabric", "evaluate@fabric", "calibrate@fabric", "register@fabric"}
+    record = project.registry("fabric")
+    assert record["version"] == "2"
+    assert record["decision"] == "rejected" and "< champion" in record["reason"]
+    diff = project.run(str(BIN / "dvc"), "params", "diff", "--json").stdout
+    epochs_diff = json.loads(diff)["params.yaml"]["products.fabric.train.epochs"]
+    assert (epochs_diff["old"], epochs_diff["new"]) == (EPOCHS, 1)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version_by_alias("tfanet-fabric", "champion").version == "1"
+
+
+def test_kill_in_train_then_repro_finishes(project: Project, first_run: set[str]) -> None:
+    import torch
+
+    epochs = EPOCHS + 3
+    project.set_param("fabric", "train", "epochs", epochs)
+    checkpoint = project.root / "runs" / "fabric" / "checkpoints" / "checkpoint.pt"
+    started = time.time()
+    proc = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not (checkpoint.is_file() and checkpoint.stat().st_mtime > started):
+            assert proc.poll() is None, "dvc repro ended before train wrote a checkpoint"
+            assert time.time() < deadline, "no checkpoint after 600 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= killed_at < epochs
+    ran = project.repro()
+    assert {"train@fabric", "register@fabric"} <= ran and not any(s.endswith("@bracket") for s in ran)
+    history = json.loads((project.root / "runs" / "fabric" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert project.registry("fabric")["version"] == "3"
+
+
+def test_new_dataset_version_is_pushed_beside_the_old(project: Project, first_run: set[str]) -> None:
+    from components.storage import S3Settings, s3_client
+
+    def dir_md5() -> str:
+        return yaml.safe_load((project.root / "data" / "synth.dvc").read_text())["outs"][0]["md5"]
+
+    old = dir_md5()
+    image = project.root / "data" / "synth" / "fabric" / "train" / "good" / "000.png"
+    image.unlink()
+    project.run(str(BIN / "dvc"), "add", "-q", "data/synth")
+    project.run(str(BIN / "dvc"), "push", "-q")
+    new = dir_md5()
+    assert new != old
+    client = s3_client(S3Settings.from_env(project.env))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="dvc", Prefix="store/files/md5/")["Contents"]}
+    for md5 in (old, new):
+        assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys
+    assert "Cache and remote 'store' are in sync" in project.run(str(BIN / "dvc"), "status", "-c").stdout
+
+
+def test_corrupted_dataset_is_stopped_at_validation(synth_root: Path, tmp_path: Path, capsys) -> None:
+    """Truncated image, missing mask, a train image copied into test: the validate step names all three."""
+    from tfanet_core.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root / "fabric", data / "fabric")
+    cat = data / "fabric"
+    shutil.copy(cat / "train" / "good" / "003.png", cat / "test" / "good" / "099.png")
+    truncated = cat / "test" / "hole" / "000.png"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (cat / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    common = ["--product", "fabric", "--params", str(tmp_path / "params.yaml"), "--runs", str(tmp_path / "runs")]
+    common += ["--data", str(data)]
+
+    assert main(["stage", "prepare", *common]) == 0
+    assert json.loads((tmp_path / "runs" / "fabric" / "dataset.json").read_text())["strict"] is False
+    capsys.readouterr()
+    assert main(["stage", "validate", *common]) == 2
+    message = capsys.readouterr().err
+    assert "fabric/test/hole/000.png: corrupt or truncated image" in message
+    assert "mask fabric/ground_truth/scratch/001_mask.png is missing" in message
+    assert "fabric/test/good/099.png: same bytes as fabric/train/good/003.png (train)" in message
+    saved = json.loads((tmp_path / "runs" / "fabric" / "validation" / "validation.json").read_text())
+    assert {p["check"] for p in saved["problems"]} >= {"readable", "masks", "leakage"}
+
+
+def _chromium(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=20000",
+                "--window-size=1600,1000",
+                *flags,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+
+def _text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium: apt-get install -y chromium")
+def test_mlflow_ui_lists_the_run_with_its_metrics(project: Project, first_run: set[str]) -> None:
+    """Headless Chromium renders the MLflow UI: the product's runs list has the run, the run page its metrics."""
+    record = json.loads((project.root / "runs" / "bracket" / "registry.json").read_text())
+    metrics = json.loads((project.root / "runs" / "bracket" / "metrics.json").read_text())
+    base = project.env["MLFLOW_TRACKING_URI"]
+    runs_page = _text(_chromium(f"{base}/#/experiments/{record['experiment_id']}/runs", "--dump-dom").stdout)
+    assert "tfanet-bracket" in runs_page and f"bracket-{record['dataset_version'][:8]}" in runs_page
+
+    run_url = f"{base}/#/experiments/{record['experiment_id']}/runs/{record['run_id']}"
+    run_page = _text(_chromium(run_url, "--dump-dom").stdout)
+    for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert re.search(rf"\b{name} {re.escape(str(metrics[name]))[:8]}", run_page), f"{name} not shown"
+    shot = REPO / "docs" / "mlflow_ui.png"
+    shot.parent.mkdir(exist_ok=True)
+    _chromium(run_url, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
