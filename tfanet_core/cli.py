@@ -68,6 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         dataset_version=args.dataset_version,
+        cache_dir=args.cache_dir,
+        template_file=args.template,
     )
     threshold = bundle.thresholds.get("image", {}).get("value")
     print(
@@ -99,7 +101,7 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tfanet_core.predictor import Predictor
 
-    predictor = Predictor.from_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor.from_bundle(args.bundle, device=args.device, batch_size=args.batch_size, int8=args.int8)
     paths = _expand(args.paths)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
@@ -139,6 +141,74 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template(args: argparse.Namespace) -> int:
+    from tfanet_core.templates import template_for_category, write_choice
+
+    overrides = args.overrides + ([f"template.strategy={args.strategy}"] if args.strategy else [])
+    config = load_config(args.profile, overrides)
+    trials = {name: value for name, value in (("k", args.k), ("trial_epochs", args.trial_epochs)) if value is not None}
+    record = template_for_category(
+        args.data,
+        args.category,
+        config,
+        **trials,
+        cache_dir=args.cache_dir,
+        device=args.device or "cpu",
+        progress=not args.quiet,
+    )
+    write_choice(record, args.out)
+    print(json.dumps({"out": str(args.out), "strategy": record["strategy"], "image": record["image"]}))
+    return 0
+
+
+def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tfanet_core.cache import FeatureCache, resolve_cache_dir
+
+    root = resolve_cache_dir(args.cache_dir)
+    if root is None:
+        raise ValueError("the feature cache is off (--cache-dir off or TFANET_CACHE_DIR=off); pass --cache-dir DIR")
+    return FeatureCache(root)
+
+
+def cmd_cache_report(args: argparse.Namespace) -> int:
+    report = _cache(args).report(verify=args.verify)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['root']}: {report['entries']} entries, {report['bytes'] / 2**20:.1f} MiB")
+    for name, group in sorted(report["groups"].items()):
+        print(f"  {name}: {group['entries']} entries, {group['bytes'] / 2**20:.1f} MiB")
+    if report["corrupt"] or report["temp_files"]:
+        print(f"  {report['corrupt']} corrupt entries, {report['temp_files']} temp files (tfanet cache prune)")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from tfanet_core.cache import parse_size
+
+    if args.max_size is None and args.older_than_days is None and not args.all:
+        raise ValueError("say what to prune: --max-size SIZE, --older-than-days N or --all")
+    max_bytes = parse_size(args.max_size) if args.max_size is not None else None
+    result = _cache(args).prune(max_bytes, args.older_than_days, args.all, args.dry_run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(
+            f"{result['root']}: {verb} {result['removed']} entries ({result['freed_bytes'] / 2**20:.1f} MiB), "
+            f"kept {result['kept']} ({result['kept_bytes'] / 2**20:.1f} MiB)"
+        )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tfanet_core.bench import run_bench
+
+    result = run_bench(args.out, quick=args.quick, threads=args.threads, progress=not args.quiet, compile=args.compile)
+    print(json.dumps({"markdown": result["files"]["markdown"], "json": result["files"]["json"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfanet", description="TFA-Net anomaly detection: train, evaluate, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -158,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dataset-version", default=None, help="recorded in the bundle (e.g. the DVC hash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature cache (default: $TFANET_CACHE_DIR or ~/.cache/tfanet/features; 'off' disables it)",
+    )
+    p.add_argument("--template", type=Path, default=None, help="use the choice written by `tfanet template`")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="score images; one JSON object per line")
@@ -165,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="CPU only: int8 linear layers, faster, scores move slightly (see benchmarks/results/perf.md)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics, curves and overlays on a category's test split")
@@ -181,6 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("template", help="choose the template image and write the choice with its evidence")
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--category", required=True)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write (tfanet train --template reads it)")
+    _add_config_args(p)
+    p.add_argument("--strategy", default=None, help="first | medoid | best_of_k (default: the profile's)")
+    p.add_argument("--k", type=int, default=None, help="best_of_k: number of candidates (default: 4)")
+    p.add_argument("--trial-epochs", type=int, default=None, help="best_of_k: epochs per trial (default: 5)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default as for train; 'off' disables it)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_template)
+
+    p = sub.add_parser("cache", help="feature cache: size report and prune")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    q = cache_sub.add_parser("report", help="entries and bytes per backbone/layers/size")
+    q.add_argument("--verify", action="store_true", help="read and checksum every entry")
+    q.set_defaults(func=cmd_cache_report)
+    q = cache_sub.add_parser("prune", help="delete entries (stale temp files of killed writers always go)")
+    q.add_argument("--max-size", default=None, help="keep the most recently used entries up to e.g. 2G")
+    q.add_argument("--older-than-days", type=float, default=None, help="delete entries unused for N days")
+    q.add_argument("--all", action="store_true", help="delete every entry")
+    q.add_argument("--dry-run", action="store_true", help="only say what would go")
+    q.set_defaults(func=cmd_cache_prune)
+    for q in cache_sub.choices.values():
+        q.add_argument("--cache-dir", default=None, help="default: $TFANET_CACHE_DIR or ~/.cache/tfanet/features")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("bench", help="speed and memory of the profiles on this machine (markdown + JSON)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: checks the harness, not speed")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="tfanet.commands"):
         ep.load()(sub)

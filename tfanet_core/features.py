@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -23,6 +24,9 @@ from tqdm.auto import tqdm
 
 from tfanet_core.config import FeatureConfig
 from tfanet_core.data.images import image_to_tensor, load_rgb
+
+if TYPE_CHECKING:
+    from tfanet_core.cache import FeatureCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -348,16 +352,25 @@ def extract_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "features",
+    cache: FeatureCache | None = None,
 ) -> torch.Tensor:
-    """Backbone features [N, C, S, S] (float32, CPU) of image files, in batches with a progress bar."""
+    """Backbone features [N, C, S, S] (float32, CPU) of image files, in batches with a progress bar.
+
+    With a ``cache``, layer maps are read from it (hits run nothing) or computed and stored, and the
+    features are fused from the stored float16 maps either way, so cold and warm runs agree bit for bit.
+    """
     size = extractor.config.image_size
     extractor.to(device)
     parts = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            images = torch.stack([image_to_tensor(load_rgb(p), size) for p in chunk]).to(device)
-            parts.append(extractor(images).float().cpu())
+            if cache is None:
+                images = torch.stack([image_to_tensor(load_rgb(p), size) for p in chunk]).to(device)
+                maps = extractor.layer_maps(images)
+            else:
+                maps = cache.layer_maps(extractor, chunk, device)
+            parts.append(extractor.fuse(maps).float().cpu())
             bar.update(len(chunk))
     if not parts:
         return torch.empty(0, extractor.out_channels, extractor.config.feature_size, extractor.config.feature_size)

@@ -2,12 +2,18 @@
 
 Batched, ``torch.inference_mode``, the template's tokens computed once per loaded bundle, and
 the backbone checked against the exact weights the bundle was trained on. On CUDA the
-transformer runs under bf16 autocast; on the CPU in fp32.
+transformer runs under bf16 autocast; on the CPU in fp32, the backbone in channels-last memory
+format (oneDNN's faster convolutions, same scores). ``int8=True`` quantizes the transformer's
+linear layers dynamically (int8 weights and activations, fp32 accumulation): faster on the CPU
+but it moves scores, so it is opt-in; the speed-ups and score differences measured on this
+machine are in ``benchmarks/results/perf.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,7 @@ from PIL import Image
 from tfanet_core.bundle import Bundle, BundleError, load_bundle
 from tfanet_core.data.images import image_to_tensor, load_rgb
 from tfanet_core.features import FeatureExtractor
+from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
 
 
@@ -41,6 +48,7 @@ class Predictor:
         device: torch.device | str | None = None,
         batch_size: int = 8,
         extractor: FeatureExtractor | None = None,
+        int8: bool = False,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
@@ -55,12 +63,20 @@ class Predictor:
             )
         self.extractor.to(self.device)
         self.model = bundle.model.to(self.device).eval()
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.extractor.to(memory_format=self.memory_format)
+        if int8:
+            if self.device.type != "cpu":
+                raise ValueError("int8 dynamic quantization runs on the CPU only; on a GPU the bf16 path is faster")
+            self.model = quantize_linear_int8(self.model)
         image_threshold = bundle.thresholds.get("image") or {}
         self.threshold: float | None = image_threshold.get("value")
 
     @classmethod
-    def from_bundle(cls, path: Path | str, device: torch.device | str | None = None, batch_size: int = 8) -> Predictor:
-        return cls(load_bundle(path), device=device, batch_size=batch_size)
+    def from_bundle(
+        cls, path: Path | str, device: torch.device | str | None = None, batch_size: int = 8, int8: bool = False
+    ) -> Predictor:
+        return cls(load_bundle(path), device=device, batch_size=batch_size, int8=int8)
 
     @property
     def image_size(self) -> int:
@@ -95,7 +111,13 @@ class Predictor:
     @torch.inference_mode()
     def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores [N], maps [N, H, W])."""
-        return self._batched(images, lambda x: self._score_batch(self.extractor(x.to(self.device)).float()))
+        # Features back to contiguous: TFA-Net's patch-embedding conv is slower on channels-last input.
+        return self._batched(
+            images,
+            lambda x: self._score_batch(
+                self.extractor(x.to(self.device, memory_format=self.memory_format)).float().contiguous()
+            ),
+        )
 
     def _to_predictions(self, scores: torch.Tensor, maps: torch.Tensor, return_maps: bool) -> list[Prediction]:
         out = []
@@ -114,3 +136,13 @@ class Predictor:
         for i in range(0, len(paths), self.batch_size):
             out += self.predict([load_rgb(Path(p)) for p in paths[i : i + self.batch_size]], return_maps)
         return out
+
+
+def quantize_linear_int8(model: TemplateAggregator) -> TemplateAggregator:
+    """A copy of ``model`` whose ``nn.Linear`` layers run int8 dynamic quantization (fbgemm, CPU)."""
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao; it is still the only route without a new
+        # dependency, and the benchmark re-measures it on every torch upgrade.
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    return quantized.eval()

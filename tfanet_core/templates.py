@@ -2,16 +2,33 @@
 
 The paper simply takes the first training image. A template far from the typical part (an
 odd pose, a lighting outlier) makes every reconstruction harder, so ``medoid`` picks the image
-whose features are closest to the mean feature map. The choice and its evidence go into the bundle.
+whose features are closest to the mean feature map. ``best_of_k`` asks the model instead: short
+training runs, identical except for the template, on k candidates spread over that same
+distance ranking, and the lowest validation loss (held-out *normal* images only) wins. The
+choice and its evidence go into the bundle; ``tfanet template`` writes them to a JSON file that
+``tfanet train --template`` reuses, so a pipeline selects once and trains on that choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-STRATEGIES = ("first", "medoid")
+from tfanet_core.cache import FeatureCache, resolve_cache_dir
+from tfanet_core.data.layouts import discover, split_validation
+from tfanet_core.features import FeatureExtractor, extract_features, sha256_file
+
+if TYPE_CHECKING:
+    from tfanet_core.config import Config
+
+STRATEGIES = ("first", "medoid", "best_of_k")
+DEFAULT_K = 4
+DEFAULT_TRIAL_EPOCHS = 5
 
 
 @dataclass
@@ -21,20 +38,48 @@ class TemplateChoice:
     evidence: dict[str, object] = field(default_factory=dict)
 
 
-def select_template(features: torch.Tensor, strategy: str) -> TemplateChoice:
-    """Index into ``features`` [N, C, S, S] (training images, in manifest order) of the template."""
+def select_template(
+    features: torch.Tensor,
+    strategy: str,
+    *,
+    val_features: torch.Tensor | None = None,
+    config: Config | None = None,
+    k: int = DEFAULT_K,
+    trial_epochs: int = DEFAULT_TRIAL_EPOCHS,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> TemplateChoice:
+    """Index into ``features`` [N, C, S, S] (training images, in manifest order) of the template.
+
+    ``best_of_k`` also needs ``val_features`` and the ``config`` whose model and optimizer the trials use.
+    """
     if len(features) == 0:
         raise ValueError("no training images to choose a template from")
     if strategy == "first":
         return TemplateChoice(0, strategy, {"reason": "first training image (paper)"})
     if strategy == "medoid":
         return _medoid(features)
+    if strategy == "best_of_k":
+        if config is None or val_features is None or len(val_features) == 0:
+            raise ValueError(
+                "template strategy best_of_k needs held-out normal validation images (train.val_fraction > 0) "
+                "and the training config; or choose template.strategy=medoid"
+            )
+        trial = short_run_trial(features, val_features, config, trial_epochs, device, progress)
+        choice = best_of_k(features, trial, k)
+        choice.evidence["trial_epochs"] = trial_epochs
+        return choice
     raise ValueError(f"unknown template strategy '{strategy}'; choose one of {STRATEGIES}")
 
 
+def distances_to_mean(features: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance [N] of each image's features to the mean feature map (float64)."""
+    mean = features.double().mean(dim=0)
+    return torch.stack([(f.double() - mean).pow(2).mean() for f in features])
+
+
 def _medoid(features: torch.Tensor) -> TemplateChoice:
-    mean = features.double().mean(dim=0, keepdim=True)
-    distances = torch.stack([(f.double() - mean[0]).pow(2).mean() for f in features])
+    distances = distances_to_mean(features)
     index = int(distances.argmin())
     return TemplateChoice(
         index,
@@ -45,3 +90,124 @@ def _medoid(features: torch.Tensor) -> TemplateChoice:
             "max_distance": float(distances.max()),
         },
     )
+
+
+def candidates(features: torch.Tensor, k: int) -> list[int]:
+    """k indices: evenly spaced ranks of the distance-to-mean order (the medoid first), plus image 0.
+
+    The paper's first image is always a candidate, so best_of_k can only match or beat it on
+    validation loss; spreading the rest over the ranking tests central *and* less central images.
+    """
+    if k < 1:
+        raise ValueError(f"best_of_k needs k >= 1 candidates, got {k}")
+    n = len(features)
+    order = distances_to_mean(features).argsort().tolist()
+    spread = [order[j * (n - 1) // k] for j in range(k)]  # never the farthest image
+    return list(dict.fromkeys([0, *spread, *order]))[: min(k, n)]
+
+
+def best_of_k(features: torch.Tensor, trial: Callable[[int], float], k: int = DEFAULT_K) -> TemplateChoice:
+    """The candidate whose ``trial(index)`` (a validation loss) is lowest; every candidate's loss is evidence."""
+    distances = distances_to_mean(features)
+    rows = []
+    for index in candidates(features, k):
+        rows.append({"index": index, "distance_to_mean": float(distances[index]), "val_loss": float(trial(index))})
+    winner = min(rows, key=lambda r: (r["val_loss"], r["index"]))
+    return TemplateChoice(
+        int(winner["index"]), "best_of_k", {"k": k, "candidates": rows, "val_loss": winner["val_loss"]}
+    )
+
+
+def short_run_trial(
+    features: torch.Tensor,
+    val_features: torch.Tensor,
+    config: Config,
+    epochs: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Callable[[int], float]:
+    """Validation loss after ``epochs`` of training with template ``index``; same seed and data for all."""
+    from tfanet_core.training import build_model, evaluate_loss, feature_statistics, fit  # training imports us
+
+    train_config = replace(config.train, epochs=epochs, selection="last", checkpoint_every=epochs)
+    stats = feature_statistics(features) if config.features.standardize else None
+
+    def trial(index: int) -> float:
+        model = build_model(config, features.shape[1])
+        if stats is not None:
+            model.set_feature_stats(*stats)
+        model.set_template(features[index])
+        fit(model, features, train_config, device=device, progress=progress)
+        return evaluate_loss(model, val_features, train_config, torch.device(device))
+
+    return trial
+
+
+# --- the template step's output file (DVC / kfp step between features and train) -------------------
+
+
+def choice_record(choice: TemplateChoice, paths: Sequence[Path], root: Path, sha256: str) -> dict[str, Any]:
+    """What ``tfanet template`` writes and the bundle's ``template`` section holds."""
+    path = Path(paths[choice.index])
+    image = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return {"image": image, "sha256": sha256, **asdict(choice)}
+
+
+def write_choice(record: dict[str, Any], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_choice(path: Path | str, paths: Sequence[Path], sha256s: Sequence[str]) -> TemplateChoice:
+    """The choice in a ``tfanet template`` file, located among this run's training images by content.
+
+    Matched by sha256, not index or path, so a re-split or moved dataset cannot silently pick
+    another image; a template that is no longer a training image is an error.
+    """
+    record = json.loads(Path(path).read_text())
+    try:
+        index = list(sha256s).index(record["sha256"])
+    except ValueError:
+        raise ValueError(
+            f"{path}: template image {record.get('image')} (sha256 {record['sha256'][:12]}…) is not among the "
+            f"{len(paths)} training images of this run; rerun `tfanet template` on this dataset version"
+        ) from None
+    return TemplateChoice(index, record["strategy"], dict(record.get("evidence", {})))
+
+
+def template_for_category(
+    root: Path | str,
+    category: str,
+    config: Config,
+    *,
+    k: int = DEFAULT_K,
+    trial_epochs: int = DEFAULT_TRIAL_EPOCHS,
+    cache_dir: Path | str | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``tfanet template``: the same split and (cached) features as ``tfanet train``, then the choice record."""
+    root = Path(root)
+    samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
+    train = [s.path for s in samples if s.split == "train"]
+    val = [s.path for s in samples if s.split == "val"]
+    cache_root = resolve_cache_dir(cache_dir)
+    cache = FeatureCache(cache_root) if cache_root is not None else None
+    extractor = FeatureExtractor(config.features)
+    features = extract_features(extractor, train, device=device, progress=progress, desc="train features", cache=cache)
+    val_features = extract_features(extractor, val, device=device, progress=progress, desc="val features", cache=cache)
+    choice = select_template(
+        features,
+        config.template.strategy,
+        val_features=val_features,
+        config=config,
+        k=k,
+        trial_epochs=trial_epochs,
+        device=device,
+        progress=progress,
+    )
+    record = choice_record(choice, train, root, sha256_file(train[choice.index]))
+    record["n_train"] = len(train)
+    record["backbone"] = extractor.describe()
+    return record

@@ -22,14 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from tfanet_core.bundle import Bundle
+from tfanet_core.cache import FeatureCache, resolve_cache_dir
 from tfanet_core.config import Config, TrainConfig
 from tfanet_core.data.images import DataError
 from tfanet_core.data.layouts import discover, split_validation
+from tfanet_core.fader import fit_fader
 from tfanet_core.features import FeatureExtractor, extract_features, sha256_file
 from tfanet_core.model import TemplateAggregator, patchify
 from tfanet_core.predictor import Predictor, default_device
 from tfanet_core.scoring import reconstruction_loss
-from tfanet_core.templates import select_template
+from tfanet_core.templates import read_choice, select_template
 from tfanet_core.threshold import calibrate, calibrate_pixels
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -207,8 +209,15 @@ def train_category(
     device: torch.device | str | None = None,
     progress: bool = True,
     dataset_version: str | None = None,
+    cache_dir: Path | str | None = None,
+    template_file: Path | str | None = None,
 ) -> Bundle:
-    """Everything ``tfanet train`` does: data → features → template → fit → calibrate → bundle."""
+    """Everything ``tfanet train`` does: data → features → template → fit → calibrate → bundle.
+
+    Features go through the feature cache at ``cache_dir`` (default ``$TFANET_CACHE_DIR`` or
+    ``~/.cache/tfanet/features``; ``"off"`` disables it). ``template_file`` (from ``tfanet template``)
+    fixes the template instead of selecting it here.
+    """
     device = torch.device(device) if device is not None else default_device()
     samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
     train = [s for s in samples if s.split == "train"]
@@ -217,19 +226,34 @@ def train_category(
         raise DataError(f"{Path(root) / category}: no training images left after the validation split")
 
     extractor = FeatureExtractor(config.features)
+    cache_root = resolve_cache_dir(cache_dir)
+    cache = FeatureCache(cache_root) if cache_root is not None else None
     train_features = extract_features(
-        extractor, [s.path for s in train], device=device, progress=progress, desc="train features"
+        extractor, [s.path for s in train], device=device, progress=progress, desc="train features", cache=cache
     )
     val_features = extract_features(
-        extractor, [s.path for s in val], device=device, progress=progress, desc="val features"
+        extractor, [s.path for s in val], device=device, progress=progress, desc="val features", cache=cache
     )
 
-    choice = select_template(train_features, config.template.strategy)
+    if template_file is not None:
+        choice = read_choice(template_file, [s.path for s in train], [sha256_file(s.path) for s in train])
+    else:
+        choice = select_template(
+            train_features,
+            config.template.strategy,
+            val_features=val_features,
+            config=config,
+            device=device,
+            progress=progress,
+        )
     model = build_model(config, extractor.out_channels)
     if config.features.standardize:
         model.set_feature_stats(*feature_statistics(train_features))
     model.set_template(train_features[choice.index])
     result = fit(model, train_features, config.train, val_features, checkpoint_dir, device, progress)
+    fader_history = (
+        fit_fader(result.model, train_features, config, val_features, device, progress) if config.model.fader else None
+    )
 
     template_path = train[choice.index].path
     bundle = Bundle(
@@ -255,6 +279,7 @@ def train_category(
             "history": result.history,
             "best_epoch": result.best_epoch,
             "seconds": round(result.seconds, 2),
+            **({"fader_history": fader_history} if fader_history is not None else {}),
         },
     )
     predictor = Predictor(bundle, device=device, extractor=extractor)
