@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ def test_loss_decreases_on_a_fixed_batch() -> None:
     result = fit(_model(config, features), features, config.train, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.6 * losses[0]
-    assert all(b < a * 1.05 for a, b in zip(losses, losses[1:], strict=False))
+    assert all(b < a * 1.05 for a, b in itertools.pairwise(losses))
 
 
 def test_same_seed_same_weights() -> None:
