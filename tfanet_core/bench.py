@@ -401,9 +401,12 @@ def training_benchmark(plan: Plan, work: Path, threads: int, progress: bool) -> 
     rows = []
     for n in tqdm(plan.train_counts, desc="bench training", disable=not progress):
         cache_dir = work / f"cache-{n}"
+        cpu, wall = time.process_time(), time.perf_counter()
         cold_extract, cold_fit, cold_cache = epoch(train[:n], cache_dir)
         warm_extract, warm_fit, warm_cache = epoch(train[:n], cache_dir)
-        assert warm_cache.stats.forwards == 0, "warm run recomputed features"
+        cpu_share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * threads)
+        if warm_cache.stats.forwards:
+            raise RuntimeError(f"the warm run recomputed features: {warm_cache.stats}")
         rows.append(
             {
                 "n_images": n,
@@ -414,6 +417,7 @@ def training_benchmark(plan: Plan, work: Path, threads: int, progress: bool) -> 
                 "fit_only_epoch_s": warm_fit,
                 "speedup": (cold_extract + cold_fit) / (warm_extract + warm_fit),
                 "cold_cache_mib": cold_cache.stats.bytes_written / 2**20,
+                "cpu_share": cpu_share,
             }
         )
 
@@ -699,14 +703,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         "bytes to hash them and the entries; then one TFA-Net training epoch on the features.",
         "",
         "| training images | cold epoch (s) | of which features | warm epoch (s) | of which cache reads | "
-        "TFA-Net epoch alone (s) | cold / warm | cache written (MiB) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "TFA-Net epoch alone (s) | cold / warm | cache written (MiB) | CPU share |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in t["epochs"]:
         lines.append(
             f"| {row['n_images']} | {row['cold_epoch_s']:.2f} | {row['cold_extract_s']:.2f} | "
             f"{row['warm_epoch_s']:.2f} | {row['warm_extract_s']:.2f} | {row['fit_only_epoch_s']:.2f} | "
-            f"{row['speedup']:.1f}× | {row['cold_cache_mib']:.1f} |"
+            f"{row['speedup']:.1f}× | {row['cold_cache_mib']:.1f} | {row['cpu_share']:.2f} |"
         )
     middle = t["epochs"][len(t["epochs"]) // 2]
     n = middle["n_images"]
