@@ -24,12 +24,15 @@ test: venv lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not server"
 
-# The whole local chain (infra/local/demo.py): stack on 127.0.0.1, synthetic data under DVC, `dvc repro`, MLflow UI.
+# The whole local chain (infra/local/demo.py): stack + TorchServe on 127.0.0.1, synthetic data under DVC, `dvc repro`
+# through deploy, one good and one defective image sent to the endpoint, MLflow UI.
 demo: venv
 	$(BIN)/python -m infra.local.demo
 
 stop:
-	@if test -x $(BIN)/python; then $(BIN)/python -m infra.local.stack stop; else echo "no .venv: nothing was started"; fi
+	@if test -x $(BIN)/python; then \
+		$(BIN)/python -m infra.local.torchserve stop; $(BIN)/python -m infra.local.stack stop; \
+	else echo "no .venv: nothing was started"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Real servers for tests: SeaweedFS S3 + MLflow, started once per session on free loopback ports.
+"""Real servers for tests: SeaweedFS S3 + MLflow once per session, TorchServe once per module; free loopback ports.
 
 Registered through ``pytest_plugins`` in conftest.py (not imported into test modules: an
 imported session fixture is a separate fixture per module, so the stack would start twice).
@@ -9,9 +9,11 @@ the end of the session, also when a test failed or the start itself timed out.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from components.serving import server  # stdlib-only, like components.stack
 from components.stack import LocalStack  # stdlib-only at import time: cheap for every test session
 
 
@@ -24,3 +26,14 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The state dir of a TorchServe 0.12 (token auth on, model API on) serving nothing yet, for one module."""
+    state = tmp_path_factory.mktemp("torchserve")
+    server.start(state, server.free_ports())
+    try:
+        yield state
+    finally:
+        server.stop(state)

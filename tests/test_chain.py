@@ -2,10 +2,11 @@
 
 One temporary DVC project (a git repo with this repository's dvc.yaml and params.yaml, the tiny
 profile cut to a few epochs) goes through the scenarios in order, as a user would: the first
-run registers a champion; a second run does nothing; a worse training setting re-runs only
-train and what follows and is not promoted; a run killed in the middle of training finishes on
-the next `dvc repro`; a new dataset version is pushed beside the old one. The working tree is
-never touched. The browser test opens the MLflow UI of the same server in headless Chromium.
+run registers a champion and serves it on TorchServe; a second run does nothing; a worse training
+setting re-runs only train and what follows, is not promoted, and the served model stays; a run
+killed in the middle of training finishes on the next `dvc repro`; a new dataset version is
+pushed beside the old one. The working tree is never touched. The browser test opens the MLflow UI
+of the same server in headless Chromium.
 """
 
 from __future__ import annotations
@@ -63,9 +64,12 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(local_stack: LocalStack, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+def project(
+    local_stack: LocalStack, torchserve: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Project:
     root = tmp_path_factory.mktemp("chain")
     env = os.environ | local_stack.client_env() | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["TFANET_TORCHSERVE_DIR"] = str(torchserve)
     p = Project(root, env)
     dvc = str(BIN / "dvc")
     p.run("git", "init", "-q")
@@ -102,7 +106,7 @@ def test_first_run_trains_registers_and_promotes(project: Project, first_run: se
     from components.promotion import max_score_difference
     from components.steps import ProductPaths, _probe_images
 
-    steps = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register")
+    steps = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register", "deploy")
     assert first_run == {f"{s}@{p}" for s in steps for p in ("fabric", "bracket")}
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
@@ -128,6 +132,33 @@ def test_first_run_trains_registers_and_promotes(project: Project, first_run: se
     assert json.loads(shown)[""]["data"]["runs/fabric/metrics.json"]["data"]["image_auroc"] > 0.5
 
 
+def _served(project: Project, product: str) -> dict[str, Any]:
+    """What the product's TorchServe endpoint answers for its first defective test image."""
+    from components.serving.torchserve import TorchServeClient
+    from components.steps import _probe_images
+
+    client = TorchServeClient.from_state_dir(project.env["TFANET_TORCHSERVE_DIR"])
+    [bad] = _probe_images(project.root / "data" / "synth", product)[1:]
+    resp = client.predict(f"tfanet-{product}", bad.read_bytes())
+    assert resp.status == 200, resp.message
+    return resp.json()
+
+
+def test_first_run_serves_each_champion_on_torchserve(project: Project, first_run: set[str]) -> None:
+    from components.steps import ProductPaths, _probe_images
+    from tfanet_core.predictor import Predictor
+
+    for product in ("fabric", "bracket"):
+        deployed = json.loads((project.root / "runs" / product / "deploy.json").read_text())
+        assert (deployed["status"], deployed["serving"], deployed["champion"]) == ("deployed", "1", "1")
+        assert deployed["parity_max_abs_diff"] < 1e-4
+        answer = _served(project, product)
+        assert (answer["product"], answer["model_version"]) == (product, "1")
+        [bad] = _probe_images(project.root / "data" / "synth", product)[1:]
+        bundle = ProductPaths.of(project.root / "runs", product).bundle
+        assert answer["score"] == pytest.approx(Predictor.from_bundle(bundle).predict_paths([bad])[0].score, abs=1e-4)
+
+
 def test_second_repro_runs_nothing(project: Project, first_run: set[str]) -> None:
     assert project.repro() == set()
 
@@ -136,10 +167,15 @@ def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
     project: Project, first_run: set[str]
 ) -> None:
     project.set_param("fabric", "train", "epochs", 1)
-    assert project.repro() == {"train@fabric", "evaluate@fabric", "calibrate@fabric", "register@fabric"}
+    downstream = {"train@fabric", "evaluate@fabric", "calibrate@fabric", "register@fabric", "deploy@fabric"}
+    assert project.repro() == downstream
     record = project.registry("fabric")
     assert record["version"] == "2"
     assert record["decision"] == "rejected" and "< champion" in record["reason"]
+    deployed = json.loads((project.root / "runs" / "fabric" / "deploy.json").read_text())
+    assert (deployed["status"], deployed["serving"]) == ("unchanged", "1")
+    assert "candidate v2 was rejected by the promotion gate" in deployed["reason"]
+    assert _served(project, "fabric")["model_version"] == "1"
     diff = project.run(str(BIN / "dvc"), "params", "diff", "--json").stdout
     epochs_diff = json.loads(diff)["params.yaml"]["products.fabric.train.epochs"]
     assert (epochs_diff["old"], epochs_diff["new"]) == (EPOCHS, 1)

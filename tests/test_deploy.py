@@ -29,7 +29,6 @@ import components.deploy as deploy_module
 from components.deploy import DeployDecision, ServingParams, deploy, deploy_history, rollback
 from components.deploy_cli import probe_images
 from components.promotion import GatePolicy, promote
-from components.serving import server
 from components.serving.archive import read_manifest
 from components.serving.parity import check_parity
 from components.serving.torchserve import TorchServeClient
@@ -66,16 +65,6 @@ def bundles(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "fabric-b": _train(synth_root, "fabric", root / "fabric-b", seed=1),
         "bracket": _train(synth_root, "bracket", root / "bracket", seed=0),
     }
-
-
-@pytest.fixture(scope="module")
-def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state = tmp_path_factory.mktemp("deploy-torchserve")
-    server.start(state, server.free_ports())
-    try:
-        yield state
-    finally:
-        server.stop(state)
 
 
 def _served(client: TorchServeClient, product: str, probe: Path) -> dict[str, Any]:

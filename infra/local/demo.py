@@ -1,12 +1,12 @@
 """``make demo``: the whole chain on this machine, from a fresh clone, with progress at every step.
 
 Steps (each prints what it does and how long it took): start the local stack (SeaweedFS S3 +
-MLflow on 127.0.0.1) → make this repository a DVC project with the S3 remote ``store`` at the
-stack's endpoint → generate the synthetic dataset ``data/synth`` if absent, ``dvc add`` and
-``dvc push`` it → ``dvc repro`` (prepare … register, per product of params.yaml) → print the
-MLflow UI address and each product's metrics and promotion decision. The deploy stage
-(TorchServe) arrives as the last stage of dvc.yaml; its "send one good and one defective image"
-check goes into :data:`STEPS` after ``repro``.
+MLflow on 127.0.0.1) and TorchServe (loopback, token auth on, state in ``.tfanet/torchserve``) →
+make this repository a DVC project with the S3 remote ``store`` at the stack's endpoint → generate
+the synthetic dataset ``data/synth`` if absent, ``dvc add`` and ``dvc push`` it → ``dvc repro``
+(prepare … register → deploy, per product of params.yaml) → send one good and one defective test
+image of each product to its TorchServe endpoint and print both responses → print the MLflow UI
+address and each product's metrics, promotion and deploy decisions.
 
 Run from the repository root: ``python -m infra.local.demo`` (``make demo`` does).
 """
@@ -23,12 +23,15 @@ from pathlib import Path
 
 import yaml
 
+from components.serving import server as torchserve
+from components.serving.torchserve import TorchServeClient
 from components.stack import LocalStack
 
 ROOT = Path.cwd()
 BIN = Path(sys.executable).parent
 REMOTE = "store"
 REMOTE_URL = "s3://dvc/store"
+TORCHSERVE_DIR = Path(os.environ.get("TFANET_TORCHSERVE_DIR", ".tfanet/torchserve"))
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None, quiet: bool = False) -> str:
@@ -49,12 +52,24 @@ class Demo:
     def __init__(self) -> None:
         self.stack = LocalStack()
         self.env: dict[str, str] = {}
+        self.torchserve: TorchServeClient  # by start_torchserve
         self.params = yaml.safe_load((ROOT / "params.yaml").read_text())
 
     def start_stack(self) -> None:
         self.stack.start()
         self.env = os.environ | self.stack.client_env() | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         print(f"    S3 {self.stack.s3_endpoint}   MLflow {self.stack.tracking_uri}   state {self.stack.state_dir}")
+
+    def start_torchserve(self) -> None:
+        """Reuse a healthy server from an earlier demo; otherwise start one on free loopback ports."""
+        state = torchserve.status(TORCHSERVE_DIR)
+        if not (state.get("running") and state.get("healthy")):
+            if state.get("running"):
+                torchserve.stop(TORCHSERVE_DIR)
+            torchserve.start(TORCHSERVE_DIR, torchserve.free_ports())
+        self.env["TFANET_TORCHSERVE_DIR"] = str(TORCHSERVE_DIR.resolve())
+        self.torchserve = TorchServeClient.from_state_dir(TORCHSERVE_DIR)
+        print(f"    TorchServe {self.torchserve.inference} (management {self.torchserve.management}), token auth on")
 
     def dvc_project(self) -> None:
         if not (ROOT / ".dvc").is_dir():
@@ -83,18 +98,42 @@ class Demo:
 
     def repro(self) -> None:
         _dvc("repro", env=self.env)
+        # DVC cannot see TorchServe's state: a server started since the last deploy serves nothing yet.
+        for product in self.params["products"]:
+            record = json.loads((ROOT / "runs" / product / "deploy.json").read_text())
+            if record["serving"] and f"tfanet-{product}" not in self.torchserve.models():
+                print(f"    TorchServe was restarted since {product} was deployed: deploying its champion again")
+                _dvc("repro", "-f", "-s", f"deploy@{product}", env=self.env)
+
+    def send_images(self) -> None:
+        """What a line camera does: POST image bytes, get a verdict back."""
+        from tfanet_core.data.layouts import discover
+
+        for product, section in self.params["products"].items():
+            category = (section.get("data") or {}).get("category", product)
+            test = [s for s in discover(ROOT / self.params["data"]["root"], category) if s.split == "test"]
+            good = next(s for s in test if not s.is_anomalous)
+            bad = next(s for s in test if s.is_anomalous)
+            for label, sample in (("good", good), ("defective", bad)):
+                resp = self.torchserve.predict(f"tfanet-{product}", sample.path.read_bytes())
+                if resp.status != 200:
+                    raise SystemExit(f"demo: TorchServe answered {resp.status} for {sample.path}: {resp.message}")
+                rel = sample.path.relative_to(ROOT)
+                print(f"    {product} {label:<9} {rel}\n      -> {json.dumps(resp.json())}")
 
     def summary(self) -> None:
-        print(f"\n{'product':<10} {'image_auroc':>11} {'pixel_auroc':>11} {'aupro':>7} {'f1_max':>7}  registry")
+        print(f"\n{'product':<10} {'image_auroc':>11} {'pixel_auroc':>11} {'aupro':>7} {'f1_max':>7}  registry  served")
         for product in self.params["products"]:
             run = ROOT / "runs" / product
             m = json.loads((run / "metrics.json").read_text())
             r = json.loads((run / "registry.json").read_text())
+            d = json.loads((run / "deploy.json").read_text())
             cells = " ".join(
                 f"{m.get(k) if m.get(k) is None else f'{m[k]:.3f}':>{w}}"
                 for k, w in (("image_auroc", 11), ("pixel_auroc", 11), ("aupro", 7), ("f1_max", 7))
             )
-            print(f"{product:<10} {cells}  {r['registered_model']} v{r['version']} {r['decision']}")
+            served = f"v{d['serving']} ({d['status']})" if d["serving"] else f"nothing ({d['status']})"
+            print(f"{product:<10} {cells}  {r['registered_model']} v{r['version']} {r['decision']}  {served}")
         print(
             f"\nMLflow UI: {self.stack.tracking_uri}  (experiments tfanet-<product>: compare runs; "
             f"Models: versions and the champion alias)"
@@ -102,6 +141,8 @@ class Demo:
         print(
             "More: dvc metrics show | dvc params diff | dvc plots show | dvc exp run -S products.fabric.train.lr=5e-4"
         )
+        print(f"Endpoint: curl -H 'Authorization: Bearer <inference key in {TORCHSERVE_DIR}/key_file.json>' \\")
+        print(f"            --data-binary @image.png {self.torchserve.inference}/predictions/tfanet-<product>")
         print("Stop the servers: make stop")
 
 
@@ -114,9 +155,14 @@ def main() -> int:
             "start the local stack: SeaweedFS S3 + MLflow on 127.0.0.1 (MLflow takes 20-50 s on first start)",
             demo.start_stack,
         ),
+        ("start TorchServe on 127.0.0.1 (token auth on)", demo.start_torchserve),
         ("DVC project and its S3 remote", demo.dvc_project),
         ("synthetic dataset, versioned by DVC", demo.dataset),
-        ("dvc repro: prepare → validate → features → template → train → evaluate → calibrate → register", demo.repro),
+        (
+            "dvc repro: prepare → validate → features → template → train → evaluate → calibrate → register → deploy",
+            demo.repro,
+        ),
+        ("send one good and one defective image of each product to TorchServe", demo.send_images),
         ("summary", demo.summary),
     ]
     started = time.perf_counter()
