@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_data_root() -> Path:
     return Path(os.environ.get("TFANET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never write the user's feature cache, and DVC in test projects never phones home."""
+    saved = {k: os.environ.get(k) for k in ("TFANET_CACHE_DIR", "DVC_NO_ANALYTICS")}
+    os.environ["TFANET_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)
