@@ -1,0 +1,309 @@
+"""The kfp v2 components: one per pipeline step, each a thin wrapper over the function ``dvc.yaml`` calls.
+
+A component body names its artifacts and calls :func:`components.kfp_io.run_step`, the one place
+where kfp artifacts meet :class:`components.steps.ProductPaths`; then it writes the summaries the
+KFP UI shows (``Metrics``, ``ClassificationMetrics``, ``HTML`` for the Data Docs page, ``Markdown``).
+
+The dataset root comes from ``dataset_uri`` (``s3://bucket/prefix`` or a local path) and every
+step that reads it also takes ``dataset_version`` (the DVC hash) as a plain string: KFP's cache
+key covers parameters but not the contents behind an URI (kubeflow/pipelines#12751), so this
+string is what keeps a new dataset version from hitting a stale cached step. ``params`` (a product's
+section of params.yaml), ``rules`` and ``promotion`` are JSON strings, not dicts: kfp passes dicts as
+protobuf Structs, which turn every int into a float (``layers: [1, 2, 3]`` would arrive as floats).
+
+Bodies import inside the function: kfp embeds each body's source in the compiled YAML and runs it
+in the component image (``infra/docker``), where ``tfanet[mlops]`` and so kfp are installed, hence
+``install_kfp_package=False`` and no ``packages_to_install``.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+__all__ = [
+    "CPU_IMAGE",
+    "GPU_IMAGE",
+    "calibrate",
+    "deploy",
+    "evaluate",
+    "extract_features",
+    "register",
+    "select_template",
+    "train",
+    "validate",
+]
+
+CPU_IMAGE = "tfanet-component:0.1.0-cpu"  # infra/docker/component.Dockerfile
+GPU_IMAGE = "tfanet-component:0.1.0-cuda"  # infra/docker/component-cuda.Dockerfile
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def validate(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    rules: str,
+    s3_endpoint: str,
+    manifest: Output[Dataset],
+    validation: Output[Artifact],
+    report: Output[HTML],
+) -> None:
+    """Manifest of the product's images, then the great-expectations gate (fails naming every problem)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.kfp_io import run_step
+
+    result = run_step(
+        "validate",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={},
+        outputs={"manifest": manifest, "validation": validation},
+        s3_endpoint=s3_endpoint,
+        rules=json.loads(rules),
+    )
+    manifest.metadata.update({"manifest_version": result["manifest_version"], "n_images": result["n_images"]})
+    pages = sorted((Path(validation.path) / "validation" / "validations" / "tfanet_manifest").rglob("*.html"))
+    shutil.copy(pages[-1], report.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def extract_features(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    s3_endpoint: str,
+    manifest: Input[Dataset],
+    features: Output[Dataset],
+) -> None:
+    """The backbone's features of every normal train/val image, as the content-addressed feature cache."""
+    from components.kfp_io import run_step
+
+    stats = run_step(
+        "features",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"manifest": manifest},
+        outputs={"features": features},
+        s3_endpoint=s3_endpoint,
+    )
+    features.metadata.update(stats)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def select_template(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    s3_endpoint: str,
+    features: Input[Dataset],
+    template: Output[Artifact],
+) -> str:
+    """The template image (``template.json``); returns its dataset-relative path."""
+    from components.kfp_io import run_step
+
+    record = run_step(
+        "template",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"features": features},
+        outputs={"template": template},
+        s3_endpoint=s3_endpoint,
+    )
+    template.metadata.update({"strategy": record["strategy"], "index": record["index"]})
+    return str(record["image"])
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    s3_endpoint: str,
+    manifest: Input[Dataset],
+    features: Input[Dataset],
+    template: Input[Artifact],
+    model: Output[Model],
+    history: Output[Metrics],
+) -> None:
+    """TFA-Net fitted on the cached features with the chosen template (the GPU step)."""
+    import json
+    from pathlib import Path
+
+    from components.kfp_io import run_step
+
+    summary = run_step(
+        "train",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"manifest": manifest, "features": features, "template": template},
+        outputs={"model": model},
+        s3_endpoint=s3_endpoint,
+    )
+    last = json.loads((Path(model.path) / "history.json").read_text())[-1]
+    history.log_metric("epochs", float(summary["epochs"]))
+    history.log_metric("best_epoch", float(summary["best_epoch"]))
+    for key, value in last.items():
+        if key != "epoch" and isinstance(value, int | float):
+            history.log_metric(f"last.{key}", float(value))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    s3_endpoint: str,
+    model: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+) -> None:
+    """Test-split metrics (AUROC, AUPRO, F1-max, per defect type), curve plots and overlays."""
+    from components.kfp_io import log_numbers, run_step
+
+    result = run_step(
+        "evaluate",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"model": model},
+        outputs={"evaluation": evaluation},
+        s3_endpoint=s3_endpoint,
+    )
+    at = result.pop("at_threshold", None)  # absent when the trained bundle has no threshold
+    log_numbers(metrics, result)
+    if at is not None:
+        confusion.log_confusion_matrix(
+            ["good", "anomalous"],
+            [[at["true_negatives"], at["false_positives"]], [at["false_negatives"], at["true_positives"]]],
+        )
+        confusion.metadata["threshold"] = at["threshold"]
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def calibrate(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    s3_endpoint: str,
+    model: Input[Model],
+    features: Input[Dataset],
+    bundle: Output[Model],
+    thresholds: Output[Metrics],
+) -> None:
+    """Thresholds at the target false-positive rate on the held-out normals: the bundle that is registered."""
+    from components.kfp_io import log_numbers, run_step
+
+    summary = run_step(
+        "calibrate",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"model": model, "features": features},
+        outputs={"bundle": bundle},
+        s3_endpoint=s3_endpoint,
+    )
+    log_numbers(thresholds, summary)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register(
+    product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    promotion: str,
+    trigger: str,
+    mlflow_tracking_uri: str,
+    s3_endpoint: str,
+    manifest: Input[Dataset],
+    evaluation: Input[Artifact],
+    bundle: Input[Model],
+    registry: Output[Artifact],
+    summary: Output[Markdown],
+) -> NamedTuple("Registered", [("version", str), ("decision", str)]):
+    """Log the run to MLflow, register the version as candidate, gate it (champion moves only if no metric drops).
+
+    Returns the registered version and the gate's decision (``promoted`` or ``rejected``). The model
+    version is tagged with ``tfanet.dvc_version`` (the DVC hash; MLflow's ``tfanet.dataset_version`` is
+    the manifest's) and, when not empty, ``tfanet.trigger``: why this run happened (e.g. a drift report).
+    """
+    import json
+
+    from mlflow import MlflowClient
+
+    from components.kfp_io import run_step
+
+    record = run_step(
+        "register",
+        product=product,
+        dataset_uri=dataset_uri,
+        dataset_version=dataset_version,
+        params=params,
+        inputs={"manifest": manifest, "evaluation": evaluation, "bundle": bundle},
+        outputs={"registry": registry},
+        s3_endpoint=s3_endpoint,
+        promotion=json.loads(promotion),
+        tracking_uri=mlflow_tracking_uri or None,
+    )
+    tags = {"tfanet.dvc_version": dataset_version} | ({"tfanet.trigger": trigger} if trigger else {})
+    client = MlflowClient(mlflow_tracking_uri or None)
+    for key, value in tags.items():
+        client.set_model_version_tag(record["registered_model"], record["version"], key, value)
+    registry.metadata.update({"version": record["version"], "decision": record["decision"]})
+    with open(summary.path, "w") as f:
+        f.write(
+            f"## {record['registered_model']} v{record['version']}: {record['decision']}\n\n"
+            f"{record['reason']}\n\n"
+            f"- run `{record['run_id']}` (experiment {record['experiment_id']})\n"
+            f"- previous champion: {record['previous_champion'] or 'none'}\n"
+            f"- dataset version (manifest): `{record['dataset_version']}`; DVC: `{dataset_version}`\n"
+            + (f"- trigger: {trigger}\n" if trigger else "")
+        )
+    return record["version"], record["decision"]
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def deploy(
+    product: str,
+    model_bucket: str,
+    mlflow_tracking_uri: str,
+    s3_endpoint: str,
+    decision: Output[Markdown],
+) -> str:
+    """Publish the registry champion's TorchServe archive to ``s3://<model_bucket>/torchserve/<product>/``.
+
+    Returns the archive's S3 URI. TorchServe loads it at its next start: the Markdown output names the
+    ``kubectl rollout restart`` that completes the deploy (pipelines/README.md says why).
+    """
+    from components.kfp_io import publish_champion
+
+    record = publish_champion(product, model_bucket, mlflow_tracking_uri, s3_endpoint)
+    with open(decision.path, "w") as f:
+        f.write(
+            f"## {record['registered_model']}: champion v{record['champion']} published\n\n"
+            f"- archive: `{record['archive']}`\n"
+            f"- removed: {', '.join(f'`{k}`' for k in record['removed']) or 'nothing'}\n\n"
+            f"TorchServe loads it when its pods restart: `{record['rollout']}`\n"
+        )
+    return record["archive"]
