@@ -3,8 +3,8 @@
 Each step is a plain function of paths and params (a product's section of ``params.yaml``), so
 the DVC stages (``tfanet stage <step>``, see :mod:`components.cli`) and the kfp components call
 the same code. Each one is thin: it resolves the product's config, calls ``tfanet_core`` and
-writes its outputs; only :func:`register` talks to MLflow. The deploy step slots in after
-register and reads ``registry.json`` (the registered version and whether it became champion).
+writes its outputs; only :func:`register` talks to MLflow. The deploy stage that follows
+(:mod:`components.deploy`, ``tfanet deploy run``) serves the registry's champion on TorchServe.
 
 Layout of one product's outputs (``RUNS/<product>/``, what ``dvc.yaml`` declares)::
 
@@ -315,9 +315,16 @@ def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], pa
 
 
 def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """Thresholds at the product's ``calibration`` settings on the held-out normals → the final bundle."""
+    """Thresholds at the product's ``calibration`` settings on the held-out normals → the final bundle.
+
+    The bundle also gets its drift reference (``drift_reference.npz``: pooled backbone embeddings of the
+    train + val images, the model's scores on the val images), so the reference travels with the model into
+    the registry and ``tfanet drift check`` compares production windows with what *this* champion saw.
+    It is written after ``bundle.save``, which replaces the directory.
+    """
     from tfanet_core.bundle import load_bundle
     from tfanet_core.cache import FeatureCache
+    from tfanet_core.drift import build_reference
     from tfanet_core.features import FeatureExtractor, extract_features
     from tfanet_core.predictor import Predictor
     from tfanet_core.training import calibrate_on_normals
@@ -325,19 +332,24 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
     config = product_config(section)
     bundle = load_bundle(paths.model)
     bundle.config = dataclasses.replace(bundle.config, calibration=config.calibration)
-    _, val = _split(Path(data_root), _category(section, product), bundle.config)
+    train_images, val = _split(Path(data_root), _category(section, product), bundle.config)
     extractor = FeatureExtractor(bundle.config.features)
     val_features = extract_features(extractor, val, desc="val features", cache=FeatureCache(paths.features))
-    predictor = Predictor(bundle, extractor=extractor)
-    bundle.thresholds = calibrate_on_normals(predictor, val_features, config.calibration.target_fpr)
+    bundle.thresholds = calibrate_on_normals(
+        Predictor(bundle, extractor=extractor), val_features, config.calibration.target_fpr
+    )
     if not bundle.thresholds:
         raise ValueError(f"{product}: no validation images to calibrate on; set train.val_fraction > 0")
     bundle.save(paths.bundle)
+    # The cache holds fused maps, not the per-layer pooled embeddings drift compares: one backbone pass each.
+    reference = build_reference(Predictor(bundle, extractor=extractor), train_images, val)
+    reference.save(paths.bundle)
     summary = {
         "target_fpr": config.calibration.target_fpr,
         "image_threshold": bundle.thresholds["image"]["value"],
         "pixel_threshold": bundle.thresholds["pixel"]["value"],
         "n_val": len(val),
+        "drift_reference": {"embeddings": len(reference.embeddings), "expected_fpr": reference.expected_fpr},
     }
     _write_json(paths.calibration, summary)
     return summary
@@ -352,6 +364,43 @@ def _probe_images(data_root: Path, category: str) -> list[Path]:
     good = [s.path for s in test if not s.is_anomalous][:1]
     bad = [s.path for s in test if s.is_anomalous][:1]
     return good + bad
+
+
+def _champion_on_dataset(
+    data_root: Path | str, product: str, section: Mapping[str, Any], version: str, tracking_uri: str | None
+) -> dict[str, Any] | None:
+    """The champion's metrics on *this* dataset version, when it was tested on another one; else None.
+
+    New data (a drift retrain, more images) changes the dataset version, and test metrics on different
+    datasets are not comparable: so the gate compares the candidate with the champion re-evaluated here,
+    instead of blocking every candidate trained on new data.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from components.tracking import CHAMPION, TAG_DATASET, download_bundle, model_uri, registered_model_name
+    from tfanet_core.evaluate import evaluate as evaluate_bundle
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(registered_model_name(product), CHAMPION)
+    except MlflowException:
+        return None  # no registered model or no champion yet: the gate promotes the first version
+    if champion.tags.get(TAG_DATASET) == version:
+        return None
+    log.info(
+        "champion v%s was tested on dataset %s: re-evaluating it on %s",
+        champion.version,
+        champion.tags.get(TAG_DATASET),
+        version,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = download_bundle(model_uri(product), Path(tmp) / "champion")
+        out = Path(tmp) / "evaluation"
+        return evaluate_bundle(bundle, data_root, _category(section, product), out, overlays_per_type=0)
 
 
 def register(
@@ -377,6 +426,7 @@ def register(
         )
     dataset = _dataset(paths)
     probes = _probe_images(Path(data_root), _category(section, product))
+    champion_metrics = _champion_on_dataset(data_root, product, section, dataset["version"], tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         evaluation = Path(tmp) / "evaluation"
         shutil.copytree(paths.plots, evaluation / "plots")
@@ -397,6 +447,7 @@ def register(
         product,
         run.version,
         policy=GatePolicy.from_params(promotion),
+        champion_metrics=champion_metrics,
         probe_images=probes,
         bundle_dir=paths.bundle,
         tracking_uri=tracking_uri,

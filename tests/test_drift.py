@@ -1,17 +1,29 @@
-"""Drift statistics: the tests' error rates under H0, their power under shifts, and a window check on images."""
+"""Drift statistics (error rates under H0, power under shifts, a window check on images) and the retrain decision."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from components.drift_check import (
+    NO_DRIFT,
+    RETRAIN_TRIGGERED,
+    SUPPRESSED,
+    RetrainParams,
+    add_images,
+    decide,
+    list_images,
+)
 from tfanet_core.config import load_config
 from tfanet_core.data.images import image_to_tensor, load_rgb
 from tfanet_core.drift import (
     DriftConfig,
+    DriftReport,
     Reference,
     calibrate_null,
     check_window,
@@ -150,3 +162,87 @@ def test_brightness_shift_is_detected_and_fresh_normals_are_not(synth_root: Path
     assert not normal.drift, normal.reason
     assert brighter.drift, brighter.reason
     assert brighter.p_values["mmd"] < 0.01 < normal.p_values["mmd"]
+
+
+# --- components/drift_check.py: the decision, its reasons, the window's images (no servers) ----------------
+
+
+def _report(drift: bool) -> DriftReport:
+    reason = "drift: mmd below alpha/3=0.0167 (mmd p=0.0020)" if drift else "no drift: every p-value >= alpha/3"
+    return DriftReport(drift, reason, 50, 0.05, 0.05 / 3, {"mmd": 0.002 if drift else 0.4}, 0.1, "permutation (500)")
+
+
+def test_decision_no_drift_never_triggers_even_outside_cooldown() -> None:
+    now = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+    decision, reason = decide(_report(False), None, now, RetrainParams(cooldown_hours=24))
+    assert decision == NO_DRIFT and reason.startswith("no drift")
+
+
+def test_decision_drift_triggers_outside_cooldown_and_is_suppressed_inside() -> None:
+    now = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+    params = RetrainParams(cooldown_hours=24, mode="dvc")
+    first, reason = decide(_report(True), None, now, params)
+    assert first == RETRAIN_TRIGGERED
+    assert reason.startswith("drift, retraining via dvc (none before, cooldown 24 h): drift: mmd")
+
+    last = now - dt.timedelta(hours=23, minutes=59)
+    inside, reason = decide(_report(True), last, now, params)
+    assert inside == SUPPRESSED
+    assert reason.startswith(
+        "drift, retrain suppressed by cooldown (last at 2026-11-23T12:01:00+00:00, cooldown 24 h, "
+        "next allowed after 2026-11-24T12:01:00+00:00): drift: mmd"
+    )
+
+    after, reason = decide(_report(True), now - dt.timedelta(hours=24), now, params)
+    assert after == RETRAIN_TRIGGERED and "last at 2026-11-23T12:00:00+00:00" in reason
+    assert decide(_report(True), now, now, RetrainParams(cooldown_hours=0))[0] == RETRAIN_TRIGGERED
+
+
+def test_retrain_params_reject_unknown_keys_modes_and_non_s3_datasets() -> None:
+    assert RetrainParams.from_params({"cooldown_hours": 2, "mode": "kfp"}).cooldown == dt.timedelta(hours=2)
+    with pytest.raises(ValueError, match="unknown key"):
+        RetrainParams.from_params({"cooldown": 2})
+    with pytest.raises(ValueError, match=r"retrain\.mode"):
+        RetrainParams(mode="airflow")
+    with pytest.raises(ValueError, match="cooldown_hours"):
+        RetrainParams(cooldown_hours=-1)
+    with pytest.raises(ValueError, match="s3://"):
+        RetrainParams(dataset_uri="/data/synth")
+
+
+def test_params_yaml_drift_and_retrain_sections_load() -> None:
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert DriftConfig.from_dict(params["drift"]).window == 50
+    assert RetrainParams.from_params(params["retrain"]).mode == "dvc"
+
+
+def test_list_images_sorts_recursively_and_skips_non_images(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    for name in ("b/002.png", "001.jpg", "003.PNG", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, tmp_path)] == [
+        "001.jpg",
+        "003.PNG",
+        "b/002.png",
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        list_images(tmp_path / "empty", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        list_images(tmp_path / "missing", tmp_path)
+
+
+def test_add_images_writes_new_files_only(tmp_path: Path) -> None:
+    src = tmp_path / "window"
+    src.mkdir()
+    for i, ext in enumerate((".png", ".JPG")):
+        (src / f"img{i}{ext}").write_bytes(bytes([i]) * 10)
+    good = tmp_path / "data" / "fabric" / "train" / "good"
+    good.mkdir(parents=True)
+    (good / "000.png").write_bytes(b"old")
+    added = add_images(sorted(src.iterdir()), good, "drift-20261124T120000Z")
+    assert [p.name for p in added] == ["drift-20261124T120000Z-000.png", "drift-20261124T120000Z-001.jpg"]
+    assert added[1].read_bytes() == bytes([1]) * 10 and (good / "000.png").read_bytes() == b"old"
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        add_images(sorted(src.iterdir()), good, "drift-20261124T120000Z")
+    assert added[0].read_bytes() == bytes([0]) * 10
