@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import is_image_file
 from tfanet_core.drift import DriftConfig, DriftReport, Reference
 
@@ -111,12 +112,7 @@ class RetrainParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> RetrainParams:
-        params = dict(params or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in params 'retrain'; known: {sorted(known)}")
-        return cls(**params)
+        return section_from_mapping(cls, params, "params 'retrain'")
 
     @property
     def cooldown(self) -> dt.timedelta:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,14 +100,18 @@ class Config:
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
         kwargs: dict[str, Any] = {"profile": data.get("profile", "custom")}
         for name in sections:
-            section_cls = type(getattr(cls(), name))
-            values = data.get(name, {})
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            bad = set(values) - known
-            if bad:
-                raise ValueError(f"unknown key(s) {sorted(bad)} in config section '{name}'; known: {sorted(known)}")
-            kwargs[name] = section_cls(**values)
+            kwargs[name] = section_from_mapping(type(getattr(cls(), name)), data.get(name), f"config section '{name}'")
         return cls(**kwargs)
+
+
+def section_from_mapping(section_cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
+    """A settings dataclass from a params/config mapping; a misspelt key is an error naming the known ones."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(section_cls)}  # type: ignore[arg-type]
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
+    return section_cls(**values)
 
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")

@@ -39,6 +39,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import image_to_tensor, load_rgb
 from tfanet_core.features import FeatureExtractor
 
@@ -77,12 +78,7 @@ class DriftConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> DriftConfig:
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in params 'drift'; known: {sorted(known)}")
-        return cls(**data)
+        return section_from_mapping(cls, data, "params 'drift'")
 
 
 # --- embeddings -----------------------------------------------------------------------------------------
