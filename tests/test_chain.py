@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,73 +24,33 @@ from typing import Any
 
 import pytest
 import yaml
+from dvc_project import DVC, REPO, DvcProject
 
 from components.stack import LocalStack
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 EPOCHS = 5
-
-
-class Project:
-    """The temporary DVC project and the environment its stages run in."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.env = root, env
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=1800)
-        if check and proc.returncode != 0:
-            tail = proc.stdout[-4000:] + proc.stderr[-4000:]
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{tail}")
-        return proc
-
-    def repro(self) -> set[str]:
-        """Run `dvc repro`; the stages that actually ran."""
-        out = self.run(str(BIN / "dvc"), "repro").stdout
-        return set(re.findall(r"^Running stage '([^']+)'", out, flags=re.M))
-
-    def set_param(self, product: str, section: str, key: str, value: Any) -> None:
-        path = self.root / "params.yaml"
-        params = yaml.safe_load(path.read_text())
-        params["products"][product][section][key] = value
-        path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-    def registry(self, product: str) -> dict[str, Any]:
-        return json.loads((self.root / "runs" / product / "registry.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def project(
     local_stack: LocalStack, torchserve: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Project:
-    root = tmp_path_factory.mktemp("chain")
-    env = os.environ | local_stack.client_env() | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env["TFANET_TORCHSERVE_DIR"] = str(torchserve)
-    p = Project(root, env)
-    dvc = str(BIN / "dvc")
-    p.run("git", "init", "-q")
-    p.run(dvc, "init", "-q")
-    p.run(dvc, "config", "core.analytics", "false")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+) -> DvcProject:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section in params["products"].values():
         section["train"] |= {"epochs": EPOCHS, "checkpoint_every": 1}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(synth_root, root / "data" / "synth")
-    p.run(dvc, "add", "-q", "data/synth")
-    p.run(dvc, "remote", "add", "-d", "store", "s3://dvc/store")
-    p.run(dvc, "remote", "modify", "--local", "store", "endpointurl", local_stack.s3_endpoint)
-    p.run(dvc, "remote", "modify", "--local", "store", "access_key_id", env["AWS_ACCESS_KEY_ID"])
-    p.run(dvc, "remote", "modify", "--local", "store", "secret_access_key", env["AWS_SECRET_ACCESS_KEY"])
-    p.run(dvc, "push", "-q")
-    return p
+    return DvcProject.create(
+        tmp_path_factory.mktemp("chain"),
+        local_stack,
+        params,
+        synth_root,
+        env={"TFANET_TORCHSERVE_DIR": str(torchserve)},
+    )
 
 
 @pytest.fixture(scope="module")
-def first_run(project: Project) -> set[str]:
+def first_run(project: DvcProject) -> set[str]:
     """The first `dvc repro`, committed in the temporary repo so that `dvc params diff` has a baseline."""
     ran = project.repro()
     project.run("git", "add", "-A")
@@ -99,7 +58,7 @@ def first_run(project: Project) -> set[str]:
     return ran
 
 
-def test_first_run_trains_registers_and_promotes(project: Project, first_run: set[str]) -> None:
+def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run: set[str]) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -128,11 +87,11 @@ def test_first_run_trains_registers_and_promotes(project: Project, first_run: se
     probes = _probe_images(project.root / "data" / "synth", "fabric")
     assert max_score_difference("models:/tfanet-fabric@champion", probes, paths.bundle) < 1e-4
     assert json.loads((paths.root / "history.json").read_text())[-1]["epoch"] == EPOCHS
-    shown = project.run(str(BIN / "dvc"), "metrics", "show", "--json").stdout
+    shown = project.run(DVC, "metrics", "show", "--json").stdout
     assert json.loads(shown)[""]["data"]["runs/fabric/metrics.json"]["data"]["image_auroc"] > 0.5
 
 
-def _served(project: Project, product: str) -> dict[str, Any]:
+def _served(project: DvcProject, product: str) -> dict[str, Any]:
     """What the product's TorchServe endpoint answers for its first defective test image."""
     from components.serving.torchserve import TorchServeClient
     from components.steps import _probe_images
@@ -144,7 +103,7 @@ def _served(project: Project, product: str) -> dict[str, Any]:
     return resp.json()
 
 
-def test_first_run_serves_each_champion_on_torchserve(project: Project, first_run: set[str]) -> None:
+def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first_run: set[str]) -> None:
     from components.steps import ProductPaths, _probe_images
     from tfanet_core.predictor import Predictor
 
@@ -159,12 +118,12 @@ def test_first_run_serves_each_champion_on_torchserve(project: Project, first_ru
         assert answer["score"] == pytest.approx(Predictor.from_bundle(bundle).predict_paths([bad])[0].score, abs=1e-4)
 
 
-def test_second_repro_runs_nothing(project: Project, first_run: set[str]) -> None:
+def test_second_repro_runs_nothing(project: DvcProject, first_run: set[str]) -> None:
     assert project.repro() == set()
 
 
 def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
-    project: Project, first_run: set[str]
+    project: DvcProject, first_run: set[str]
 ) -> None:
     project.set_param("fabric", "train", "epochs", 1)
     downstream = {"train@fabric", "evaluate@fabric", "calibrate@fabric", "register@fabric", "deploy@fabric"}
@@ -176,7 +135,7 @@ def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
     assert (deployed["status"], deployed["serving"]) == ("unchanged", "1")
     assert "candidate v2 was rejected by the promotion gate" in deployed["reason"]
     assert _served(project, "fabric")["model_version"] == "1"
-    diff = project.run(str(BIN / "dvc"), "params", "diff", "--json").stdout
+    diff = project.run(DVC, "params", "diff", "--json").stdout
     epochs_diff = json.loads(diff)["params.yaml"]["products.fabric.train.epochs"]
     assert (epochs_diff["old"], epochs_diff["new"]) == (EPOCHS, 1)
 
@@ -186,7 +145,7 @@ def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
     assert client.get_model_version_by_alias("tfanet-fabric", "champion").version == "1"
 
 
-def test_kill_in_train_then_repro_finishes(project: Project, first_run: set[str]) -> None:
+def test_kill_in_train_then_repro_finishes(project: DvcProject, first_run: set[str]) -> None:
     import torch
 
     epochs = EPOCHS + 3
@@ -194,7 +153,7 @@ def test_kill_in_train_then_repro_finishes(project: Project, first_run: set[str]
     checkpoint = project.root / "runs" / "fabric" / "checkpoints" / "checkpoint.pt"
     started = time.time()
     proc = subprocess.Popen(
-        [str(BIN / "dvc"), "repro"],
+        [DVC, "repro"],
         cwd=project.root,
         env=project.env,
         stdout=subprocess.DEVNULL,
@@ -219,24 +178,21 @@ def test_kill_in_train_then_repro_finishes(project: Project, first_run: set[str]
     assert project.registry("fabric")["version"] == "3"
 
 
-def test_new_dataset_version_is_pushed_beside_the_old(project: Project, first_run: set[str]) -> None:
+def test_new_dataset_version_is_pushed_beside_the_old(project: DvcProject, first_run: set[str]) -> None:
     from components.storage import S3Settings, s3_client
 
-    def dir_md5() -> str:
-        return yaml.safe_load((project.root / "data" / "synth.dvc").read_text())["outs"][0]["md5"]
-
-    old = dir_md5()
+    old = project.dataset_md5()
     image = project.root / "data" / "synth" / "fabric" / "train" / "good" / "000.png"
     image.unlink()
-    project.run(str(BIN / "dvc"), "add", "-q", "data/synth")
-    project.run(str(BIN / "dvc"), "push", "-q")
-    new = dir_md5()
+    project.run(DVC, "add", "-q", "data/synth")
+    project.run(DVC, "push", "-q")
+    new = project.dataset_md5()
     assert new != old
     client = s3_client(S3Settings.from_env(project.env))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="dvc", Prefix="store/files/md5/")["Contents"]}
     for md5 in (old, new):
         assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys
-    assert "Cache and remote 'store' are in sync" in project.run(str(BIN / "dvc"), "status", "-c").stdout
+    assert "Cache and remote 'store' are in sync" in project.run(DVC, "status", "-c").stdout
 
 
 def test_corrupted_dataset_is_stopped_at_validation(synth_root: Path, tmp_path: Path, capsys) -> None:
@@ -296,7 +252,7 @@ def _text(dom: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium: apt-get install -y chromium")
-def test_mlflow_ui_lists_the_run_with_its_metrics(project: Project, first_run: set[str]) -> None:
+def test_mlflow_ui_lists_the_run_with_its_metrics(project: DvcProject, first_run: set[str]) -> None:
     """Headless Chromium renders the MLflow UI: the product's runs list has the run, the run page its metrics."""
     record = json.loads((project.root / "runs" / "bracket" / "registry.json").read_text())
     metrics = json.loads((project.root / "runs" / "bracket" / "metrics.json").read_text())

@@ -12,48 +12,32 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from dvc_project import BIN, REPO, DvcProject
 from PIL import Image
 
 from components.stack import LocalStack
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PRODUCT = "fabric"
 EPOCHS = 3
 REMOTE = "s3://dvc/drift-retrain"
 
 
-class Project:
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.env = root, env
-
-    def run(self, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode not in ok:
-            tail = proc.stdout[-4000:] + proc.stderr[-4000:]
-            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{tail}")
-        return proc
-
-    def drift_check(self, images: Path) -> tuple[int, dict[str, Any]]:
-        proc = self.run(str(BIN / "tfanet"), "drift", "check", "--product", PRODUCT, "--images", str(images), ok=(0, 1))
-        decision = json.loads(proc.stdout)
-        assert decision == json.loads((self.root / "runs" / PRODUCT / "drift.json").read_text())
-        return proc.returncode, decision
-
-    def dataset_md5(self) -> str:
-        return yaml.safe_load((self.root / "data" / "synth.dvc").read_text())["outs"][0]["md5"]
+def drift_check(project: DvcProject, images: Path) -> tuple[int, dict[str, Any]]:
+    """`tfanet drift check` in the project: (exit code, the decision it printed and wrote to drift.json)."""
+    args = ("drift", "check", "--product", PRODUCT, "--images", str(images))
+    proc = project.run(str(BIN / "tfanet"), *args, ok=(0, 1))
+    decision = json.loads(proc.stdout)
+    assert decision == json.loads((project.root / "runs" / PRODUCT / "drift.json").read_text())
+    return proc.returncode, decision
 
 
 def _fresh_normals(out: Path, seed: int, gain: float = 1.0) -> Path:
@@ -70,41 +54,27 @@ def _fresh_normals(out: Path, seed: int, gain: float = 1.0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Project:
+def project(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
     from tfanet_core.data.synth import generate
 
-    root = tmp_path_factory.mktemp("drift-project")
-    env = os.environ | local_stack.client_env() | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    p = Project(root, env)
-    dvc = str(BIN / "dvc")
-    p.run("git", "init", "-q")
-    p.run(dvc, "init", "-q")
-    p.run(dvc, "config", "core.analytics", "false")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     section = params["products"][PRODUCT]
     section["train"] |= {"epochs": EPOCHS, "checkpoint_every": 1, "val_fraction": 0.25}
     section["calibration"] |= {"target_fpr": 0.05}  # 20 held-out normals: a 1 % threshold would be their maximum
     params["products"] = {PRODUCT: section}
     params["retrain"] = {"cooldown_hours": 24, "mode": "dvc"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     gen = tmp_path_factory.mktemp("drift-synth")
     generate(gen, seed=0, n_train=80, n_test_good=12, n_test_defect_per_type=4)
-    shutil.copytree(gen / PRODUCT, root / "data" / "synth" / PRODUCT)
-    p.run(dvc, "add", "-q", "data/synth")
-    p.run(dvc, "remote", "add", "-d", "store", REMOTE)
-    p.run(dvc, "remote", "modify", "--local", "store", "endpointurl", local_stack.s3_endpoint)
-    p.run(dvc, "remote", "modify", "--local", "store", "access_key_id", env["AWS_ACCESS_KEY_ID"])
-    p.run(dvc, "remote", "modify", "--local", "store", "secret_access_key", env["AWS_SECRET_ACCESS_KEY"])
-    p.run(dvc, "push", "-q")
-    p.run(dvc, "repro", f"register@{PRODUCT}")
+    shutil.rmtree(gen / "bracket")  # one product in the project's data/synth
+    project = DvcProject.create(tmp_path_factory.mktemp("drift-project"), local_stack, params, gen, remote=REMOTE)
+    project.repro(f"register@{PRODUCT}")
     import mlflow
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # for download_bundle in this process
-    return p
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])  # for download_bundle in this process
+    return project
 
 
-def _state(project: Project) -> dict[str, Any]:
+def _state(project: DvcProject) -> dict[str, Any]:
     """Training runs, registered versions and drift-check runs (newest first) of the product in MLflow."""
     from mlflow import MlflowClient
 
@@ -121,7 +91,7 @@ def _state(project: Project) -> dict[str, Any]:
     }
 
 
-def test_drift_reference_travels_with_the_registered_champion(project: Project, tmp_path: Path) -> None:
+def test_drift_reference_travels_with_the_registered_champion(project: DvcProject, tmp_path: Path) -> None:
     from components.tracking import download_bundle
     from tfanet_core.drift import REFERENCE_FILE, Reference
     from tfanet_core.predictor import Predictor
@@ -135,7 +105,7 @@ def test_drift_reference_travels_with_the_registered_champion(project: Project, 
 
 
 def test_no_drift_window_then_drift_retrains_once_then_cooldown_suppresses(
-    project: Project, tmp_path_factory: pytest.TempPathFactory
+    project: DvcProject, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     before = _state(project)
     assert (len(before["training_runs"]), before["versions"], before["drift_runs"]) == (1, [1], [])
@@ -143,14 +113,14 @@ def test_no_drift_window_then_drift_retrains_once_then_cooldown_suppresses(
     good = project.root / "data" / "synth" / PRODUCT / "train" / "good"
     originals = {p.name: p.read_bytes() for p in good.iterdir()}
 
-    code, quiet = project.drift_check(_fresh_normals(tmp_path_factory.mktemp("normal"), seed=101))
+    code, quiet = drift_check(project, _fresh_normals(tmp_path_factory.mktemp("normal"), seed=101))
     assert code == 0 and quiet["decision"] == "no_drift" and not quiet["drift"], quiet["reason"]
     assert quiet["reason"].startswith("no drift: every p-value >=") and quiet["n_images"] == 50
     assert quiet["champion_version"] == "1" and quiet["retrain"] is None
     state = _state(project)
     assert (len(state["training_runs"]), state["versions"], len(state["drift_runs"])) == (1, [1], 1)
 
-    code, drifted = project.drift_check(_fresh_normals(tmp_path_factory.mktemp("bright1"), seed=102, gain=1.3))
+    code, drifted = drift_check(project, _fresh_normals(tmp_path_factory.mktemp("bright1"), seed=102, gain=1.3))
     assert code == 1 and drifted["decision"] == "retrain_triggered", drifted["reason"]
     assert drifted["reason"].startswith("drift, retraining via dvc (none before, cooldown 24 h): drift: ")
     retrain = drifted["retrain"]
@@ -182,7 +152,7 @@ def test_no_drift_window_then_drift_retrains_once_then_cooldown_suppresses(
     client = state["client"]
     assert client.get_registered_model(f"tfanet-{PRODUCT}").tags["drift.last_retrain_at"] == drifted["checked_at"]
 
-    code, again = project.drift_check(_fresh_normals(tmp_path_factory.mktemp("bright2"), seed=103, gain=1.3))
+    code, again = drift_check(project, _fresh_normals(tmp_path_factory.mktemp("bright2"), seed=103, gain=1.3))
     assert code == 1 and again["decision"] == "suppressed" and again["drift"], again["reason"]
     assert again["reason"].startswith(
         f"drift, retrain suppressed by cooldown (last at {drifted['checked_at']}, cooldown 24 h, next allowed after "
