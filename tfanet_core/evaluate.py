@@ -74,7 +74,7 @@ def score_test_split(predictor: Predictor, samples: list[Sample], progress: bool
     return ScoredSplit(samples, np.concatenate(scores), np.concatenate(maps), masks)
 
 
-def _loco_defects(samples: list[Sample], config: list[dict[str, Any]], category: str, size: int) -> list[list[Defect]]:
+def loco_defects(samples: list[Sample], config: list[dict[str, Any]], category: str, size: int) -> list[list[Defect]]:
     """Per image, one Defect per ground-truth channel (every channel, not just the first).
 
     Absolute saturation thresholds are pixel counts at the original resolution; they are scaled
@@ -261,7 +261,7 @@ def evaluate(
     loco_config = load_defects_config(root, category)
     defects = None
     if loco_config is not None and test.masks is not None:
-        defects = _loco_defects(samples, loco_config, category, predictor.image_size)
+        defects = loco_defects(samples, loco_config, category, predictor.image_size)
     metrics = compute_metrics(test, threshold, defects)
     metrics.update(
         {

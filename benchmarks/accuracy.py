@@ -1,0 +1,412 @@
+"""Accuracy harness: train a profile per category, evaluate, and tabulate beside the baselines (issue #6, #11).
+
+Every row (one method × one configuration × one category × one seed) is written as JSON to
+``benchmarks/results/accuracy_runs/<row id>.json`` the moment it finishes, and a row whose JSON
+exists is skipped, so a killed run loses at most the row in progress. ``report`` rebuilds
+``benchmarks/results/accuracy.md`` from those files alone.
+
+    python benchmarks/accuracy.py run --plan baselines            # kNN + mean-reconstruction rows
+    python benchmarks/accuracy.py run --plan ablations [--only mask]
+    python benchmarks/accuracy.py run --plan final --seeds 0 1
+    python benchmarks/accuracy.py list --plan ablations           # what a plan would run, and what is done
+    python benchmarks/accuracy.py report
+
+Evaluation reads the test images' backbone features from the feature cache (float16 layer maps;
+one cache under ``--cache``, shared by all rows of the same backbone configuration) and scores
+them with the bundle's model — the same computation as ``tfanet evaluate`` up to float16 rounding
+of the cached features. Checkpoints are chosen on held-out normal images (``train.selection``),
+never on test labels. Scoring variants (map product/sum, image score std/max/top-k) re-score one
+trained model; FADeR rows score one trained model with its attenuator on and off (the TFA-Net
+weights are bit-identical either way, see tfanet_core/fader.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import knn_scores, mean_reconstruction
+
+from tfanet_core.cache import FeatureCache
+from tfanet_core.config import Config, FeatureConfig, ScoringConfig, load_config
+from tfanet_core.data.images import load_mask
+from tfanet_core.data.layouts import Sample, discover, load_defects_config, split_validation
+from tfanet_core.data.synth import generate
+from tfanet_core.evaluate import loco_defects
+from tfanet_core.features import FeatureExtractor, extract_features
+from tfanet_core.metrics import Defect, au_spro, evaluate_scores
+from tfanet_core.model import TemplateAggregator
+from tfanet_core.scoring import anomaly_map, image_score
+from tfanet_core.training import train_category
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RUNS = RESULTS / "accuracy_runs"
+REAL_ROOT = Path(os.environ.get("TFANET_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+REAL_CATEGORIES = ("kolektorsdd", "magnetic_tile", "mvtec_loco/juice_bottle")
+SYNTH_ROOT = Path("/tmp/tfanet-acc-synth")
+SYNTH_CATEGORIES = ("fabric", "bracket")
+SCORING_VARIANTS = {
+    "product+std": {"map": "product", "image_score": "std"},
+    "product+max": {"map": "product", "image_score": "max"},
+    "product+topk": {"map": "product", "image_score": "topk"},
+    "sum+std": {"map": "sum", "image_score": "std"},
+    "sum+max": {"map": "sum", "image_score": "max"},
+    "sum+topk": {"map": "sum", "image_score": "topk"},
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    group: str  # the table a row belongs to: "main", "baseline", an ablation name
+    variant: str  # the value being compared within the group
+    category: str
+    method: str = "tfanet"  # tfanet | knn | mean
+    profile: str = "cpu"
+    overrides: tuple[str, ...] = ()
+    seed: int = 0
+    dataset: str = "real"  # real | synth
+    rescore: bool = False  # also score every SCORING_VARIANTS entry
+    fader_pair: bool = False  # score with the FADeR attenuator on and off
+
+    @property
+    def id(self) -> str:
+        text = f"{self.group}__{self.variant}__{self.category}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.+=-]+", "-", text)
+
+    @property
+    def root(self) -> Path:
+        return REAL_ROOT if self.dataset == "real" else SYNTH_ROOT
+
+    def config(self) -> Config:
+        return load_config(self.profile, [*self.overrides, f"train.seed={self.seed}"])
+
+
+# --- data: samples, cached features, masks ---------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    masks: np.ndarray | None
+    defects: list[list[Defect]] | None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.is_anomalous for s in self.test], dtype=int)
+
+
+_SPLITS: dict[tuple, Split] = {}
+_EXTRACTORS: dict[str, FeatureExtractor] = {}
+
+
+def _features_key(config: FeatureConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def extractor_for(config: FeatureConfig) -> FeatureExtractor:
+    key = _features_key(config)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # one backbone in memory at a time
+        _EXTRACTORS[key] = FeatureExtractor(config)
+    return _EXTRACTORS[key]
+
+
+def load_split(root: Path, category: str, config: Config, cache: FeatureCache) -> Split:
+    """Train/val/test samples of the seed's validation split and their (cached) features for ``config.features``."""
+    size = config.features.image_size
+    key = (str(root), category, config.train.val_fraction, config.train.seed, size)
+    if key not in _SPLITS:
+        samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
+        test = [s for s in samples if s.split == "test"]
+        masks = defects = None
+        if any(s.mask_paths for s in test):
+            masks = np.stack(
+                [load_mask(s.mask_paths, (size, size)) if s.mask_paths else np.zeros((size, size), bool) for s in test]
+            )
+            loco = load_defects_config(root, category)
+            if loco is not None:
+                defects = loco_defects(test, loco, Path(category).name, size)
+        _SPLITS.clear()  # one category in memory at a time
+        _SPLITS[key] = Split(
+            [s for s in samples if s.split == "train"], [s for s in samples if s.split == "val"], test, masks, defects
+        )
+    split = _SPLITS[key]
+    fkey = _features_key(config.features)
+    if fkey not in split.features:
+        extractor = extractor_for(config.features)
+        split.features.clear()
+        for name in ("train", "val", "test"):
+            paths = [s.path for s in getattr(split, name)]
+            split.features[f"{fkey}:{name}"] = extract_features(extractor, paths, progress=False, cache=cache)
+        split.features[fkey] = torch.empty(0)
+    return split
+
+
+def features_of(split: Split, config: Config, name: str) -> torch.Tensor:
+    return split.features[f"{_features_key(config.features)}:{name}"]
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+
+def metrics_of(split: Split, scores: torch.Tensor, maps: torch.Tensor) -> dict[str, Any]:
+    maps_np = maps.numpy().astype(np.float32)
+    result: dict[str, Any] = evaluate_scores(split.labels, scores.numpy(), split.masks, maps_np)
+    if split.defects is not None:
+        result["au_spro"] = {str(k): v for k, v in au_spro(maps_np, split.defects).items()}
+    return result
+
+
+@torch.no_grad()
+def score_model(
+    model: TemplateAggregator, features: torch.Tensor, image_size: int, scorings: dict[str, ScoringConfig]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One reconstruction per batch, scored under every scoring config (a rescoring costs no retraining)."""
+    model.eval()
+    out: dict[str, tuple[list, list]] = {name: ([], []) for name in scorings}
+    for start in range(0, len(features), 16):
+        target, predicted = model.reconstruct(features[start : start + 16])
+        for name, scoring in scorings.items():
+            m = anomaly_map(target, predicted, image_size, scoring)
+            out[name][0].append(image_score(m, scoring))
+            out[name][1].append(m)
+    return {name: (torch.cat(s), torch.cat(m)) for name, (s, m) in out.items()}
+
+
+# --- one row -------------------------------------------------------------------------------------------------
+
+
+def run_row(row: Row, cache: FeatureCache, work: Path) -> dict[str, Any]:
+    config = row.config()
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    split = load_split(row.root, row.category, config, cache)
+    train_f, test_f = features_of(split, config, "train"), features_of(split, config, "test")
+    size = config.features.image_size
+    record: dict[str, Any] = {
+        **dataclasses.asdict(row),
+        "id": row.id,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "n_test_defective": int(split.labels.sum()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    variants: dict[str, dict[str, Any]] = {}
+    if row.method == "knn":
+        t0 = time.perf_counter()
+        scores, maps, sizes = knn_scores(train_f, test_f, size, coreset=0.1, sigma=config.scoring.sigma, seed=row.seed)
+        record.update(sizes, fit_and_score_seconds=round(time.perf_counter() - t0, 1))
+        variants["max"] = metrics_of(split, scores, maps)
+    elif row.method == "mean":
+        scorings = {name: dataclasses.replace(config.scoring, **v) for name, v in SCORING_VARIANTS.items()}
+        if not row.rescore:
+            scorings = {"default": config.scoring}
+        for name, scoring in scorings.items():
+            variants[name] = metrics_of(split, *mean_reconstruction(train_f, test_f, size, scoring))
+    else:
+        bundle_dir = work / row.id
+        t0, c0 = time.perf_counter(), time.process_time()
+        bundle = train_category(row.root, row.category, config, bundle_dir, cache_dir=cache.root, progress=False)
+        train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+        history = bundle.training["history"]
+        epochs_run = len(history)
+        record.update(
+            train_minutes=round(train_seconds / 60, 2),
+            fit_seconds=bundle.training["seconds"],
+            train_cpu_share=round(train_cpu / max(train_seconds, 1e-9) / torch.get_num_threads(), 2),
+            train_images_per_s=round(len(split.train) * epochs_run / max(bundle.training["seconds"], 1e-9), 1),
+            best_epoch=bundle.training["best_epoch"],
+            epochs=epochs_run,
+            final_train_loss=history[-1]["train_loss"] if history else None,
+            best_val_loss=min((h.get("val_loss", float("inf")) for h in history), default=None),
+            template=bundle.template.get("image"),
+            template_evidence=bundle.template.get("evidence"),
+            parameters=sum(p.numel() for p in bundle.model.parameters()),
+        )
+        scorings = {"default": config.scoring}
+        if row.rescore:
+            scorings |= {name: dataclasses.replace(config.scoring, **v) for name, v in SCORING_VARIANTS.items()}
+        t0 = time.perf_counter()
+        for name, (scores, maps) in score_model(bundle.model, test_f, size, scorings).items():
+            variants[name] = metrics_of(split, scores, maps)
+        record["test_images_per_s_cached"] = round(len(split.test) / (time.perf_counter() - t0), 1)
+        if row.fader_pair:
+            bundle.model.fader.fitted.fill_(False)  # the same TFA-Net, attenuator switched off
+            scores, maps = score_model(bundle.model, test_f, size, {"x": config.scoring})["x"]
+            variants["fader_off"] = metrics_of(split, scores, maps)
+        if not row.rescore:
+            shutil.rmtree(bundle_dir, ignore_errors=True)  # keep only the bundles later rescored by hand
+    record["metrics"] = variants
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    record["process_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+    record["loadavg_before"] = [round(x, 2) for x in load_before]
+    record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    record["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    return record
+
+
+# --- plans -----------------------------------------------------------------------------------------------
+
+
+def _categories(dataset: str) -> tuple[str, ...]:
+    return REAL_CATEGORIES if dataset == "real" else SYNTH_CATEGORIES
+
+
+# Ablations run at a fixed budget (ABLATION_EPOCHS, pinned so that a profile change does not move old rows;
+# it equals the ``cpu`` profile's 10 epochs); the reference point of every group is that row ("base").
+ABLATION_EPOCHS = 10
+ABLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "standardize": {"on": (), "off": ("features.standardize=false",)},
+    "mask_ratio": {"0": (), "0.25": ("model.mask_ratio=0.25",), "0.5": ("model.mask_ratio=0.5",)},
+    "template": {
+        "medoid": (),
+        "first": ("template.strategy=first",),
+        "best_of_k": ("template.strategy=best_of_k",),
+    },
+    # feature size S and token size K at a constant number of tokens, (S/K)² = 64: the sequence length
+    # sets the cost of attention, so these three cost about the same per step
+    "feature_size_K": {
+        "S=32,K=4": (),
+        "S=16,K=2": ("features.feature_size=16", "model.patch_size=2"),
+        "S=64,K=8": ("features.feature_size=64", "model.patch_size=8"),
+    },
+    "width_depth": {
+        "256/4+2": (),
+        "128/2+1": ("model.embed_dim=128", "model.decoder_dim=128", "model.tfam_depth=2", "model.fdrm_depth=1"),
+        "384/6+2": ("model.embed_dim=384", "model.tfam_depth=6"),
+    },
+    "backbone": {
+        "lite2 [1,2,3]": (),
+        "lite0 [1,2,3]": ("features.backbone=efficientnet_lite0",),
+        "lite1 [1,2,3]": ("features.backbone=efficientnet_lite1",),
+        "lite2 [1,2]": ("features.layers=[1,2]",),
+        "lite2 [2,3]": ("features.layers=[2,3]",),
+    },
+    "epochs": {"10": (), "5": ("train.epochs=5",), "20": ("train.epochs=20",), "40": ("train.epochs=40",)},
+}
+
+
+def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[Row]:
+    rows: list[Row] = []
+    if name == "baselines":
+        rows += [Row("baseline", "mean", cat, method="mean") for cat in REAL_CATEGORIES]
+        rows += [Row("baseline", "mean", c, method="mean", profile="tiny", dataset="synth") for c in SYNTH_CATEGORIES]
+        # kolektorsdd last: its 2·10⁵-vector bank makes the greedy coreset the slowest step of the harness
+        rows += [Row("baseline", "patchcore-knn", cat, method="knn") for cat in sorted(REAL_CATEGORIES, reverse=True)]
+    elif name == "ablations":
+        base = (f"train.epochs={ABLATION_EPOCHS}",)
+        for group, variants in ABLATIONS.items():
+            if groups and group not in groups:
+                continue
+            for variant, overrides in variants.items():
+                for cat in REAL_CATEGORIES:
+                    # every group's first variant is the cpu profile at the ablation budget: run it once, as "base"
+                    is_base = not overrides
+                    rows.append(
+                        Row(
+                            "ablation" if is_base else group,
+                            "base" if is_base else variant,
+                            cat,
+                            overrides=(*base, *overrides),
+                        )
+                    )
+    elif name == "fader":
+        for dataset, profile, extra in (("real", "cpu", (f"train.epochs={ABLATION_EPOCHS}",)), ("synth", "tiny", ())):
+            for cat in _categories(dataset):
+                for seed in seeds:
+                    rows.append(
+                        Row(
+                            "fader",
+                            profile,
+                            cat,
+                            profile=profile,
+                            overrides=(*extra, "model.fader=true"),
+                            seed=seed,
+                            dataset=dataset,
+                            fader_pair=True,
+                        )
+                    )
+    elif name == "final":
+        for seed in seeds:
+            rows += [Row("main", "cpu", cat, seed=seed, rescore=True) for cat in REAL_CATEGORIES]
+    else:
+        raise SystemExit(f"unknown plan {name!r}: baselines | ablations | fader | final")
+    return list(dict.fromkeys(rows))  # the shared "base" rows once
+
+
+def run(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    cache = FeatureCache(cache_dir)
+    if any(r.dataset == "synth" for r in rows) and not (SYNTH_ROOT / "fabric").is_dir():
+        generate(SYNTH_ROOT, seed=0)
+    for row in rows:
+        if only and only not in row.id:
+            continue
+        out = RUNS / f"{row.id}.json"
+        if out.is_file():
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {row.id} (load {os.getloadavg()[0]:.2f})", flush=True)
+        record = run_row(row, cache, work)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)
+        m = next(iter(record["metrics"].values()))
+        print(
+            f"    image {m['image_auroc']}  pixel {m['pixel_auroc']}  aupro {m['aupro']}  "
+            f"train {record.get('train_minutes', '-')} min  wall {record['wall_seconds']} s",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "list", "report"])
+    parser.add_argument("--plan", default="baselines")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--groups", nargs="*", help="ablation groups to run (default: all)")
+    parser.add_argument("--only", help="run only rows whose id contains this text")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 because on a shared 2-core machine 2 OpenMP threads wait for each other (20x slower "
+        "in a coreset step measured under load 5)",
+    )
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/tfanet-acc-cache"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tfanet-acc-bundles"))
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        from accuracy_report import write_report
+
+        print(write_report(RUNS, RESULTS / "accuracy.md"), end="")
+        return
+    torch.set_num_threads(args.threads)
+    rows = plan(args.plan, args.seeds, args.groups)
+    if args.command == "list":
+        for row in rows:
+            print(("done  " if (RUNS / f"{row.id}.json").is_file() else "todo  ") + row.id)
+        return
+    run(rows, args.cache, args.work, args.only)
+
+
+if __name__ == "__main__":
+    main()

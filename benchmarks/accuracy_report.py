@@ -1,0 +1,255 @@
+"""benchmarks/results/accuracy.md from the per-row JSON files of benchmarks/accuracy.py (nothing else is read).
+
+The peers' figures are the ones measured earlier on the same data and quoted in issue #6; everything
+else comes from the JSON rows, so the table can always be regenerated and audited.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+# (image AUROC, pixel AUROC, AUPRO); None where not measured. EfficientNet-Lite2 features, 256².
+PEERS: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {
+    "kolektorsdd": {
+        "PatchCore-style kNN, earlier run (10 % coreset)": (0.875, 0.892, None),
+        "anomalib 2.7 PatchCore": (0.860, 0.888, 0.481),
+        "anomalib PaDiM": (0.853, 0.930, 0.607),
+        "anomalib DFM": (0.877, 0.888, 0.426),
+    },
+    "magnetic_tile": {
+        "PatchCore-style kNN, earlier run (10 % coreset)": (0.807, 0.769, None),
+        "anomalib 2.7 PatchCore": (0.836, 0.773, 0.671),
+        "anomalib PaDiM": (0.843, 0.732, 0.722),
+        "anomalib DFM": (0.881, 0.801, 0.559),
+    },
+    "mvtec_loco/juice_bottle": {"PatchCore-style kNN, earlier run (10 % coreset)": (0.892, None, None)},
+}
+METHOD_NAMES = {"knn": "PatchCore-style kNN (this harness, 10 % coreset)", "mean": "mean reconstruction (no network)"}
+SPRO_LIMIT = "0.05"  # the official MVTec LOCO headline integration limit
+
+
+def load_rows(runs: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _agg(values: list[float | None], digits: int = 3) -> str:
+    """Mean, with ± half the range when there are several seeds."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return _f(vals[0], digits)
+    return f"{mean(vals):.{digits}f} ± {(max(vals) - min(vals)) / 2:.{digits}f}"
+
+
+def _spro(metrics: dict[str, Any]) -> float | None:
+    return (metrics.get("au_spro") or {}).get(SPRO_LIMIT)
+
+
+def _load(rows: list[dict[str, Any]]) -> str:
+    return "/".join(f"{max(r['loadavg_before'][0], r['loadavg_after'][0]):.1f}" for r in rows)
+
+
+def main_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| category | method | seeds | image AUROC | pixel AUROC | AUPRO | AU-sPRO@0.05 | train min | "
+        "train img/s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cat, peers in PEERS.items():
+        for name, (img, pix, pro) in peers.items():
+            out.append(f"| {cat} | {name} | 1 | {_f(img)} | {_f(pix)} | {_f(pro)} | – | – | – | – |")
+        for method in ("knn", "mean"):
+            for r in (r for r in rows if r["group"] == "baseline" and r["method"] == method and r["category"] == cat):
+                m = next(iter(r["metrics"].values()))
+                out.append(
+                    f"| {cat} | {METHOD_NAMES[method]} | 1 | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | "
+                    f"{_f(m['aupro'])} | {_f(_spro(m))} | – | – | {_load([r])} |"
+                )
+        mine = [r for r in rows if r["group"] == "main" and r["category"] == cat]
+        if mine:
+            ms = [r["metrics"]["default"] for r in mine]
+            out.append(
+                f"| {cat} | **TFA-Net `cpu` profile** | {len(mine)} | **{_agg([m['image_auroc'] for m in ms])}** | "
+                f"**{_agg([m['pixel_auroc'] for m in ms])}** | {_agg([m['aupro'] for m in ms])} | "
+                f"{_agg([_spro(m) for m in ms])} | {_agg([r['train_minutes'] for r in mine], 2)} | "
+                f"{_agg([r['train_images_per_s'] for r in mine], 1)} | {_load(mine)} |"
+            )
+    return out
+
+
+def gap_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| category | best peer image AUROC | TFA-Net image | Δ | best peer pixel AUROC | TFA-Net pixel | Δ | "
+        "mean-reconstruction image / pixel |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cat, peers in PEERS.items():
+        mine = [r["metrics"]["default"] for r in rows if r["group"] == "main" and r["category"] == cat]
+        if not mine:
+            continue
+        ours_img = mean(m["image_auroc"] for m in mine)
+        pix = [m["pixel_auroc"] for m in mine if m["pixel_auroc"] is not None]
+        ours_pix = mean(pix) if pix else None
+        best_img = max((v[0] for v in peers.values() if v[0] is not None), default=None)
+        best_pix = max((v[1] for v in peers.values() if v[1] is not None), default=None)
+        floor = next(
+            (r for r in rows if r["group"] == "baseline" and r["method"] == "mean" and r["category"] == cat), None
+        )
+        fm = next(iter(floor["metrics"].values())) if floor else {}
+
+        def delta(a: float | None, b: float | None) -> str:
+            return "–" if a is None or b is None else f"{a - b:+.3f}"
+
+        out.append(
+            f"| {cat} | {_f(best_img)} | {_f(ours_img)} | {delta(ours_img, best_img)} | {_f(best_pix)} | "
+            f"{_f(ours_pix)} | {delta(ours_pix, best_pix)} | "
+            f"{_f(fm.get('image_auroc'))} / {_f(fm.get('pixel_auroc'))} |"
+        )
+    return out
+
+
+def scoring_table(rows: list[dict[str, Any]]) -> list[str]:
+    mine = [r for r in rows if r["group"] == "main" and r["seed"] == 0]
+    if not mine:
+        return ["(no final-profile rows yet)"]
+    cats = [r["category"] for r in mine]
+    out = [
+        "| map + image score | " + " | ".join(f"{c} img / pix" for c in cats) + " |",
+        "|---|" + "---|" * len(cats),
+    ]
+    for variant in mine[0]["metrics"]:
+        if variant == "default":
+            continue
+        cells = [
+            f"{_f(r['metrics'][variant]['image_auroc'])} / {_f(r['metrics'][variant]['pixel_auroc'])}" for r in mine
+        ]
+        out.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return out
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
+    base = {r["category"]: r for r in rows if r["group"] == "ablation" and r["variant"] == "base"}
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["group"] not in ("main", "baseline", "ablation", "fader"):
+            groups[r["group"]].append(r)
+    cats = sorted(base)
+    out = [
+        "| ablation | variant | " + " | ".join(f"{c} img / pix / AUPRO" for c in cats) + " | mean Δ img | mean Δ pix | "
+        "train min (each) | load |",
+        "|---|---|" + "---|" * len(cats) + "---|---|---|---|",
+    ]
+
+    def cells(by_cat: dict[str, dict[str, Any]]) -> list[str]:
+        res = []
+        for c in cats:
+            r = by_cat.get(c)
+            if r is None:
+                res.append("not run")
+                continue
+            m = r["metrics"]["default"]
+            res.append(f"{_f(m['image_auroc'])} / {_f(m['pixel_auroc'])} / {_f(m['aupro'])}")
+        return res
+
+    def deltas(by_cat: dict[str, dict[str, Any]], key: str) -> str:
+        ds = [
+            by_cat[c]["metrics"]["default"][key] - base[c]["metrics"]["default"][key]
+            for c in cats
+            if c in by_cat
+            and by_cat[c]["metrics"]["default"][key] is not None
+            and base[c]["metrics"]["default"][key] is not None
+        ]
+        return f"{mean(ds):+.3f}" if ds else "–"
+
+    def minutes(by_cat: dict[str, dict[str, Any]]) -> str:
+        return "/".join(_f(by_cat[c].get("train_minutes"), 1) if c in by_cat else "–" for c in cats)
+
+    out.append(
+        "| (base) | `cpu` profile (10 epochs), seed 0 | " + " | ".join(cells(base)) + " | 0 | 0 | "
+        f"{minutes(base)} | {_load(list(base.values()))} |"
+    )
+    for group, members in groups.items():
+        variants: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in members:
+            variants[r["variant"]][r["category"]] = r
+        for variant, by_cat in variants.items():
+            out.append(
+                f"| {group} | {variant} | " + " | ".join(cells(by_cat)) + f" | {deltas(by_cat, 'image_auroc')} | "
+                f"{deltas(by_cat, 'pixel_auroc')} | {minutes(by_cat)} | {_load(list(by_cat.values()))} |"
+            )
+    return out
+
+
+def fader_table(rows: list[dict[str, Any]]) -> list[str]:
+    fader = [r for r in rows if r["group"] == "fader"]
+    if not fader:
+        return ["(not run yet)"]
+    out = [
+        "| data | category | profile | seed | FADeR off img / pix / AUPRO | FADeR on img / pix / AUPRO | Δ img "
+        "| Δ pix |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in fader:
+        on, off = r["metrics"]["default"], r["metrics"]["fader_off"]
+
+        def d(key: str, on: dict[str, Any] = on, off: dict[str, Any] = off) -> str:
+            return "–" if on[key] is None or off[key] is None else f"{on[key] - off[key]:+.3f}"
+
+        out.append(
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {r['seed']} | "
+            f"{_f(off['image_auroc'])} / {_f(off['pixel_auroc'])} / {_f(off['aupro'])} | "
+            f"{_f(on['image_auroc'])} / {_f(on['pixel_auroc'])} / {_f(on['aupro'])} | {d('image_auroc')} | "
+            f"{d('pixel_auroc')} |"
+        )
+    return out
+
+
+def synth_baseline_table(rows: list[dict[str, Any]]) -> list[str]:
+    synth = [r for r in rows if r["group"] == "baseline" and r["dataset"] == "synth"]
+    out = ["| category | method | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
+    for r in synth:
+        m = next(iter(r["metrics"].values()))
+        out.append(
+            f"| {r['category']} | {METHOD_NAMES[r['method']]} ({r['profile']} features) | {_f(m['image_auroc'])} | "
+            f"{_f(m['pixel_auroc'])} | {_f(m['aupro'])} |"
+        )
+    return out
+
+
+def write_report(runs: Path, out: Path, notes: Path | None = None) -> str:
+    """Render the tables; the prose around them (how to read them, conclusions) lives in accuracy_notes.md."""
+    rows = load_rows(runs)
+    notes = notes or runs.parent / "accuracy_notes.md"
+    prose = notes.read_text() if notes.is_file() else ""
+    parts = prose.split("<!-- tables -->")
+    head, tail = parts[0], (parts[1] if len(parts) > 1 else "")
+    text = "\n".join(
+        [
+            head.rstrip() + "\n" if head.strip() else "# Accuracy on the real dev data\n",
+            "## Main table: the `cpu` profile beside the peers and the baselines\n",
+            *main_table(rows),
+            "\n### Gap to the best peer (positive = TFA-Net better)\n",
+            *gap_table(rows),
+            "\n## Scoring ablation (one trained model per category, re-scored; seed 0)\n",
+            *scoring_table(rows),
+            "\n## Training ablations (each against the `cpu` profile, seed 0; Δ = mean over the three categories)\n",
+            *ablation_table(rows),
+            "\n## FADeR ablation (issue #11): the same trained TFA-Net with the attenuator off and on\n",
+            *fader_table(rows),
+            "\n## Synthetic data: the network-free floor\n",
+            *synth_baseline_table(rows),
+            "",
+            tail.strip() + "\n" if tail.strip() else "",
+        ]
+    )
+    out.write_text(text)
+    return text
