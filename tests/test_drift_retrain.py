@@ -1,8 +1,8 @@
 """Drift → retrain end to end: `tfanet drift check` against a real MLflow + SeaweedFS and a temporary DVC project.
 
 The project is built like test_chain's (a git repo with this repository's dvc.yaml and params.yaml), with
-one product (fabric, tiny profile, a few epochs) on its own synthetic dataset, and a first
-`dvc repro register@fabric` makes v1 the champion. Then, in order, as production would deliver them:
+one product ("drifting": the synthetic fabric images, tiny profile, a few epochs) on its own dataset, and a first
+`dvc repro register@drifting` makes v1 the champion. Then, in order, as production would deliver them:
 a window of fresh normal images changes nothing; a window of the same kind of images 30 % brighter
 triggers exactly one retrain (one new training run, one new registered version, a new dataset version in
 the DVC remote beside the old one); a second brighter window inside the cooldown triggers nothing.
@@ -26,7 +26,9 @@ from components.stack import LocalStack
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-PRODUCT = "fabric"
+# The product under watch has its own registered model (tfanet-drifting): the session's MLflow also holds the
+# other end-to-end tests' tfanet-fabric. Its images are the synthetic fabric category.
+PRODUCT, CATEGORY = "drifting", "fabric"
 EPOCHS = 3
 REMOTE = "s3://dvc/drift-retrain"
 
@@ -47,7 +49,7 @@ def _fresh_normals(out: Path, seed: int, gain: float = 1.0) -> Path:
     generate(out / "gen", seed=seed, n_train=1, n_test_good=50, n_test_defect_per_type=1)
     window = out / "window"
     window.mkdir()
-    for path in sorted((out / "gen" / PRODUCT / "test" / "good").glob("*.png")):
+    for path in sorted((out / "gen" / CATEGORY / "test" / "good").glob("*.png")):
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) * gain
         Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(window / path.name)
     return window
@@ -58,7 +60,7 @@ def project(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -
     from tfanet_core.data.synth import generate
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    section = params["products"][PRODUCT]
+    section = params["products"][CATEGORY] | {"data": {"category": CATEGORY}}
     section["train"] |= {"epochs": EPOCHS, "checkpoint_every": 1, "val_fraction": 0.25}
     section["calibration"] |= {"target_fpr": 0.05}  # 20 held-out normals: a 1 % threshold would be their maximum
     params["products"] = {PRODUCT: section}
@@ -110,7 +112,7 @@ def test_no_drift_window_then_drift_retrains_once_then_cooldown_suppresses(
     before = _state(project)
     assert (len(before["training_runs"]), before["versions"], before["drift_runs"]) == (1, [1], [])
     md5_v1 = project.dataset_md5()
-    good = project.root / "data" / "synth" / PRODUCT / "train" / "good"
+    good = project.root / "data" / "synth" / CATEGORY / "train" / "good"
     originals = {p.name: p.read_bytes() for p in good.iterdir()}
 
     code, quiet = drift_check(project, _fresh_normals(tmp_path_factory.mktemp("normal"), seed=101))
@@ -206,7 +208,7 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     retrain = RetrainParams(mode="kfp", dataset_uri="s3://tfanet-data/datasets", kfp_host="http://kfp.invalid")
     images = sorted(window.glob("*.png"))[:3]
-    result = retrain_kfp(PRODUCT, images, PRODUCT, retrain, "drift-20261124T120000Z", params, "drift check r1: x")
+    result = retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "drift check r1: x")
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="tfanet-data", Prefix="datasets/")["Contents"]}
     new = {f"datasets/fabric/train/good/drift-20261124T120000Z-{i:03d}.png" for i in range(3)}
@@ -221,14 +223,14 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
     )
     args = call["arguments"]
     assert (args["product"], args["dataset_uri"], args["drift_report"]) == (
-        PRODUCT,
+        CATEGORY,
         retrain.dataset_uri,
         "drift check r1: x",
     )
     assert (
         args["dataset_version"] == result["dataset_version"]
-        and json.loads(args["params"])["data"]["category"] == PRODUCT
+        and json.loads(args["params"])["data"]["category"] == CATEGORY
     )
     with pytest.raises(RetrainError, match="already uploaded"):
-        retrain_kfp(PRODUCT, images, PRODUCT, retrain, "drift-20261124T120000Z", params, "again")
+        retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "again")
     assert len(submitted) == 1
