@@ -33,12 +33,11 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 
 from components.serving.archive import build_archive, model_name
 from components.serving.parity import DEFAULT_TOLERANCE, check_parity
 from components.serving.torchserve import TorchServeClient, TorchServeError
-from components.tracking import CANDIDATE, CHAMPION, download_bundle, registered_model_name
+from components.tracking import CANDIDATE, CHAMPION, download_bundle, registered_model_name, version_by_alias
 
 __all__ = [
     "DEPLOYED",
@@ -137,15 +136,6 @@ def deploy_history(mlflow_client: MlflowClient, name: str) -> list[str]:
     """Versions that became TorchServe's default, oldest first (the registered model's ``deploy.history`` tag)."""
     raw = mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG, "")
     return [v for v in raw.split(",") if v]
-
-
-def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or f"alias {alias} not found" in str(exc):
-            return None
-        raise
 
 
 def _tag(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
@@ -264,7 +254,7 @@ def deploy(
     name = model_name(product)
     registry = MlflowClient()
     reg_name = registered_model_name(product)
-    champion = _alias(registry, reg_name, CHAMPION)
+    champion = version_by_alias(registry, reg_name, CHAMPION)
     previous = served_default(client, name)
     history = deploy_history(registry, reg_name) if champion is not None else []
 
@@ -293,7 +283,7 @@ def deploy(
     version = str(champion.version)
     if previous == version:
         reason = f"champion v{version} already is the served default"
-        candidate = _alias(registry, reg_name, CANDIDATE)
+        candidate = version_by_alias(registry, reg_name, CANDIDATE)
         if candidate is not None and candidate.version != version:
             why = candidate.tags.get("promotion.reason", "not gated yet")
             state = candidate.tags.get("promotion.decision", "not gated")

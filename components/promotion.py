@@ -26,7 +26,6 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.tracking import (
@@ -36,6 +35,7 @@ from components.tracking import (
     encode_images,
     flatten_metrics,
     registered_model_name,
+    version_by_alias,
 )
 
 __all__ = ["DEFAULT_METRICS", "Comparison", "Decision", "GatePolicy", "compare", "max_score_difference", "promote"]
@@ -121,15 +121,6 @@ def max_score_difference(uri: str, images: Sequence[Path | str], bundle_dir: Pat
     return float(max(abs(a - b) for a, b in zip(served, reference, strict=True)))
 
 
-def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or f"alias {CHAMPION} not found" in str(exc):
-            return None
-        raise
-
-
 def promote(
     product: str,
     version: str | int | None = None,
@@ -164,7 +155,7 @@ def promote(
         raise ValueError(
             f"no {'version ' + str(version) if version else 'candidate'} of {name}: log a run first"
         ) from exc
-    champ = _champion(client, name)
+    champ = version_by_alias(client, name, CHAMPION)
     if champ is not None and champ.version == cand.version:
         return Decision(
             "promoted", f"version {cand.version} already is the champion", name, cand.version, champ.version

@@ -377,20 +377,22 @@ def _champion_on_dataset(
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from components.tracking import CHAMPION, TAG_DATASET, download_bundle, model_uri, registered_model_name
+    from components.tracking import (
+        CHAMPION,
+        TAG_DATASET,
+        download_bundle,
+        model_uri,
+        registered_model_name,
+        version_by_alias,
+    )
     from tfanet_core.evaluate import evaluate as evaluate_bundle
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(registered_model_name(product), CHAMPION)
-    except MlflowException:
-        return None  # no registered model or no champion yet: the gate promotes the first version
-    if champion.tags.get(TAG_DATASET) == version:
-        return None
+    champion = version_by_alias(MlflowClient(), registered_model_name(product), CHAMPION)
+    if champion is None or champion.tags.get(TAG_DATASET) == version:
+        return None  # no champion yet (the gate promotes the first version), or tested on this very dataset
     log.info(
         "champion v%s was tested on dataset %s: re-evaluating it on %s",
         champion.version,

@@ -29,6 +29,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 from packaging.requirements import Requirement
@@ -52,6 +54,7 @@ __all__ = [
     "log_training_run",
     "model_uri",
     "registered_model_name",
+    "version_by_alias",
 ]
 
 CANDIDATE = "candidate"
@@ -73,6 +76,16 @@ def experiment_name(product: str) -> str:
 
 def registered_model_name(product: str) -> str:
     return f"tfanet-{product}"
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at; None when the model or the alias does not exist (other errors raise)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or f"alias {alias} not found" in str(exc):
+            return None
+        raise
 
 
 def model_uri(product: str, alias: str = CHAMPION) -> str:
