@@ -29,6 +29,15 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
 
 
 @pytest.fixture(scope="module")
+def tracking(local_stack: LocalStack) -> Iterator[str]:
+    """MLflow clients of one module talk to the session stack (through the environment, not global state)."""
+    assert local_stack.tracking_uri is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", local_stack.tracking_uri)
+        yield local_stack.tracking_uri
+
+
+@pytest.fixture(scope="module")
 def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The state dir of a TorchServe 0.12 (token auth on, model API on) serving nothing yet, for one module."""
     state = tmp_path_factory.mktemp("torchserve")

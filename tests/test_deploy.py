@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,12 @@ from components.promotion import GatePolicy, promote
 from components.serving.archive import read_manifest
 from components.serving.parity import check_parity
 from components.serving.torchserve import TorchServeClient
-from components.stack import LocalStack
 from components.tracking import CHAMPION, log_training_run, registered_model_name
 from tfanet_core.cli import main as tfanet_main
 from tfanet_core.config import load_config
 from tfanet_core.predictor import Predictor
 
 OCTET = "application/octet-stream"
-
-
-@pytest.fixture(scope="module")
-def tracking(local_stack: LocalStack) -> Iterator[str]:
-    assert local_stack.tracking_uri is not None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", local_stack.tracking_uri)
-        yield local_stack.tracking_uri
 
 
 def _train(synth_root: Path, category: str, out: Path, seed: int) -> Path:

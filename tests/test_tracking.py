@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import torch
 from mlflow import MlflowClient
 
 from components.promotion import Comparison, GatePolicy, compare, promote
-from components.stack import LocalStack
 from components.tracking import (
     CANDIDATE,
     CHAMPION,
@@ -93,15 +91,6 @@ def test_a_bundle_without_threshold_is_refused_before_anything_is_logged(fabric_
 
 
 # --------------------------------------------------------------------------- real server
-@pytest.fixture(scope="module")
-def tracking(local_stack: LocalStack) -> Iterator[str]:
-    """MLflow clients of this module talk to the session stack (through the environment, not global state)."""
-    assert local_stack.tracking_uri is not None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", local_stack.tracking_uri)
-        yield local_stack.tracking_uri
-
-
 @pytest.fixture(scope="module")
 def evaluation(fabric_bundle: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real `tfanet evaluate` output (metrics.json, plots, overlays) of the test bundle."""
