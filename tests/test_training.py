@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from tfanet_core.config import Config, load_config
@@ -83,3 +84,58 @@ def test_val_loss_selection_keeps_the_best_epoch() -> None:
     result = fit(_model(config, features), features, config.train, val, progress=False)
     val_losses = [h["val_loss"] for h in result.history]
     assert result.best_epoch == 1 + val_losses.index(min(val_losses))
+
+
+def _scripted_selector(values: list[float]):  # type: ignore[no-untyped-def]
+    """A stand-in for the pseudo-anomaly check that returns a fixed sequence, one value per epoch."""
+    calls = iter(values)
+    return lambda model: {"synthetic_pixel_auroc": next(calls)}
+
+
+def test_synthetic_selection_keeps_the_best_epoch_and_stops_after_patience(tmp_path: Path) -> None:
+    config = load_config("tiny", ["train.epochs=10", "train.selection=synthetic", "train.patience=2"])
+    features, val = _toy_features(), _toy_features(4, seed=1)
+    signal = [0.5, 0.9, 0.7, 0.8, 0.95, 0.99]  # the best (0.9) is not beaten for 2 epochs: stop after epoch 4
+    weights: list[dict[str, torch.Tensor]] = []
+
+    def selector(model):  # type: ignore[no-untyped-def]
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"synthetic_pixel_auroc": signal[len(weights) - 1]}
+
+    result = fit(
+        _model(config, features),
+        features,
+        config.train,
+        val,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        selector=selector,
+    )
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.best_epoch == 2
+    state = result.model.state_dict()
+    assert all(torch.equal(state[k], weights[1][k]) for k in state)  # the epoch-2 weights, not the last ones
+
+    # a finished (early-stopped) run is not continued when started again on its checkpoint
+    again = fit(
+        _model(config, features),
+        features,
+        config.train,
+        val,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        selector=_scripted_selector([0.0] * 10),
+    )
+    assert again.history == result.history and again.best_epoch == 2
+
+
+def test_synthetic_selection_needs_a_selector() -> None:
+    config = load_config("tiny", ["train.epochs=2", "train.selection=synthetic"])
+    features = _toy_features()
+    with pytest.raises(ValueError, match="pseudo-anomaly selector"):
+        fit(_model(config, features), features, config.train, _toy_features(4, seed=1), progress=False)
+
+
+def test_patience_without_a_selection_signal_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"train\.patience"):
+        load_config("tiny", ["train.patience=3"])

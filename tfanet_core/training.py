@@ -15,6 +15,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tfanet_core.fader import fit_fader
 from tfanet_core.features import FeatureExtractor, extract_features, sha256_file
 from tfanet_core.model import TemplateAggregator, patchify
 from tfanet_core.predictor import Predictor, default_device
+from tfanet_core.pseudo_anomalies import separation_selector
 from tfanet_core.scoring import reconstruction_loss
 from tfanet_core.templates import read_choice, select_template
 from tfanet_core.threshold import calibrate, calibrate_pixels
@@ -56,6 +58,15 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Per-channel mean and std over training images and positions (for ``features.standardize``)."""
     flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
     return flat.mean(dim=1).float(), flat.std(dim=1).float()
+
+
+def selection_score(record: dict[str, float], selection: str) -> float | None:
+    """The number a checkpoint is chosen by (higher is better); None for a fixed schedule."""
+    if selection == "val_loss":
+        return -record["val_loss"]
+    if selection == "synthetic":
+        return record["synthetic_pixel_auroc"]
+    return None
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -113,23 +124,28 @@ def fit(
     device: torch.device | str = "cpu",
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    selector: Callable[[TemplateAggregator], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on raw features [N, C, S, S]; resumes from ``checkpoint_dir`` if it holds this run.
 
-    ``stop_after_epoch`` ends the run early as a kill would, after that epoch and without saving
-    anything extra: resumption then restarts from the last periodic checkpoint.
+    ``selector`` (``train.selection=synthetic``) returns the pseudo-anomaly separation of the model
+    after each epoch, see tfanet_core/pseudo_anomalies.py. ``stop_after_epoch`` ends the run early as
+    a kill would, after that epoch and without saving anything extra: resumption then restarts from
+    the last periodic checkpoint.
     """
     device = torch.device(device)
     model.to(device)
     if config.selection == "val_loss" and (val_features is None or len(val_features) == 0):
         raise ValueError("train.selection=val_loss needs held-out normal images (train.val_fraction > 0)")
+    if config.selection == "synthetic" and selector is None:
+        raise ValueError("train.selection=synthetic needs a pseudo-anomaly selector (pseudo_anomalies.py)")
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
     )
     fingerprint = _fingerprint(model, config, len(train_features))
     history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, None
-    start_epoch = 1
+    best_score, best_epoch, best_state = float("-inf"), 0, None
+    start_epoch, stopped = 1, False
     checkpoint = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -137,12 +153,12 @@ def fit(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             history = [dict(h) for h in state["history"]]
-            best_loss, best_epoch, best_state = state["best_loss"], state["best_epoch"], state["best_state"]
-            start_epoch = state["epoch"] + 1
+            best_score, best_epoch, best_state = state["best_score"], state["best_epoch"], state["best_state"]
+            start_epoch, stopped = state["epoch"] + 1, state["stopped"]
 
     started = time.perf_counter()
     epochs = tqdm(
-        range(start_epoch, config.epochs + 1),
+        range(start_epoch, 0 if stopped else config.epochs + 1),
         desc="train",
         unit="epoch",
         disable=not progress,
@@ -166,13 +182,17 @@ def fit(
         record = {"epoch": epoch, "train_loss": running / seen}
         if val_features is not None and len(val_features):
             record["val_loss"] = evaluate_loss(model, val_features, config, device)
+        if selector is not None:
+            record.update(selector(model))
         history.append(record)
         epochs.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
 
-        if config.selection == "val_loss" and record["val_loss"] < best_loss:
-            best_loss, best_epoch = record["val_loss"], epoch
+        score = selection_score(record, config.selection)
+        if score is not None and score > best_score:
+            best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        last = epoch == config.epochs
+        stopped = bool(config.patience) and epoch - best_epoch >= config.patience
+        last = epoch == config.epochs or stopped
         if checkpoint is not None and (epoch % config.checkpoint_every == 0 or last):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             _atomic_save(
@@ -182,16 +202,17 @@ def fit(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "history": history,
-                    "best_loss": best_loss,
+                    "best_score": best_score,
                     "best_epoch": best_epoch,
                     "best_state": best_state,
+                    "stopped": stopped,
                 },
                 checkpoint,
             )
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+        if stopped or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
 
-    if config.selection == "val_loss" and best_state is not None:
+    if config.selection != "last" and best_state is not None:
         model.load_state_dict(best_state)
     else:
         best_epoch = history[-1]["epoch"] if history else 0
@@ -250,7 +271,12 @@ def train_category(
     if config.features.standardize:
         model.set_feature_stats(*feature_statistics(train_features))
     model.set_template(train_features[choice.index])
-    result = fit(model, train_features, config.train, val_features, checkpoint_dir, device, progress)
+    selector = None
+    if config.train.selection == "synthetic":
+        selector = separation_selector(
+            extractor, [s.path for s in val], [s.path for s in train], val_features, config, device
+        )
+    result = fit(model, train_features, config.train, val_features, checkpoint_dir, device, progress, selector=selector)
     fader_history = (
         fit_fader(result.model, train_features, config, val_features, device, progress) if config.model.fader else None
     )
