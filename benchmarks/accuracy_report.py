@@ -174,7 +174,7 @@ def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
         return "/".join(_f(by_cat[c].get("train_minutes"), 1) if c in by_cat else "–" for c in cats)
 
     out.append(
-        "| (base) | `cpu` profile (10 epochs), seed 0 | " + " | ".join(cells(base)) + " | 0 | 0 | "
+        "| (base) | first `cpu` profile (10 epochs, val loss) | " + " | ".join(cells(base)) + " | 0 | 0 | "
         f"{minutes(base)} | {_load(list(base.values()))} |"
     )
     for group, members in groups.items():
@@ -241,7 +241,8 @@ def write_report(runs: Path, out: Path, notes: Path | None = None) -> str:
             *gap_table(rows),
             "\n## Scoring ablation (one trained model per category, re-scored; seed 0)\n",
             *scoring_table(rows),
-            "\n## Training ablations (each against the `cpu` profile, seed 0; Δ = mean over the three categories)\n",
+            "\n## Training ablations (seed 0; each against the ablation base = the first `cpu` profile, 10 epochs with "
+            "val-loss selection; Δ = mean over the three categories)\n",
             *ablation_table(rows),
             "\n## FADeR ablation (issue #11): the same trained TFA-Net with the attenuator off and on\n",
             *fader_table(rows),
