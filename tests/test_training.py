@@ -136,6 +136,10 @@ def test_synthetic_selection_needs_a_selector() -> None:
         fit(_model(config, features), features, config.train, _toy_features(4, seed=1), progress=False)
 
 
-def test_patience_without_a_selection_signal_is_rejected() -> None:
+def test_patience_needs_a_selection_signal_and_is_ignored_on_a_fixed_schedule() -> None:
     with pytest.raises(ValueError, match=r"train\.patience"):
-        load_config("tiny", ["train.patience=3"])
+        load_config("tiny", ["train.patience=-1"])
+    config = load_config("tiny", ["train.epochs=4", "train.patience=1"])  # selection: last
+    features = _toy_features()
+    result = fit(_model(config, features), features, config.train, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and result.best_epoch == 4

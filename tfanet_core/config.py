@@ -57,7 +57,7 @@ class TrainConfig:
     cos_weight: float = 5.0
     val_fraction: float = 0.1
     selection: str = "last"
-    patience: int = 0  # stop after this many epochs without a better selection signal; 0 = run every epoch
+    patience: int = 0  # stop after this many epochs without a better selection signal; 0 = never (as with `last`)
     checkpoint_every: int = 10
     seed: int = 0
 
@@ -205,7 +205,7 @@ def validate(config: Config) -> None:
         problems.append(f"scoring.image_score={s.image_score!r} must be one of {IMAGE_SCORES}")
     if t.selection not in SELECTIONS:
         problems.append(f"train.selection={t.selection!r} must be one of {SELECTIONS}")
-    if t.patience < 0 or (t.patience and t.selection == "last"):
-        problems.append(f"train.patience={t.patience} needs a selection signal (val_loss or synthetic) and >= 0")
+    if t.patience < 0:
+        problems.append(f"train.patience={t.patience} must be >= 0")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))

@@ -191,7 +191,7 @@ def fit(
         if score is not None and score > best_score:
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stopped = bool(config.patience) and epoch - best_epoch >= config.patience
+        stopped = score is not None and bool(config.patience) and epoch - best_epoch >= config.patience
         last = epoch == config.epochs or stopped
         if checkpoint is not None and (epoch % config.checkpoint_every == 0 or last):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
