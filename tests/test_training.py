@@ -102,30 +102,18 @@ def test_synthetic_selection_keeps_the_best_epoch_and_stops_after_patience(tmp_p
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"synthetic_pixel_auroc": signal[len(weights) - 1]}
 
-    result = fit(
-        _model(config, features),
-        features,
-        config.train,
-        val,
-        checkpoint_dir=tmp_path,
-        progress=False,
-        selector=selector,
-    )
+    def run(select):  # type: ignore[no-untyped-def]
+        model = _model(config, features)
+        return fit(model, features, config.train, val, checkpoint_dir=tmp_path, progress=False, selector=select)
+
+    result = run(selector)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert result.best_epoch == 2
     state = result.model.state_dict()
     assert all(torch.equal(state[k], weights[1][k]) for k in state)  # the epoch-2 weights, not the last ones
 
     # a finished (early-stopped) run is not continued when started again on its checkpoint
-    again = fit(
-        _model(config, features),
-        features,
-        config.train,
-        val,
-        checkpoint_dir=tmp_path,
-        progress=False,
-        selector=_scripted_selector([0.0] * 10),
-    )
+    again = run(_scripted_selector([0.0] * 10))
     assert again.history == result.history and again.best_epoch == 2
 
 
