@@ -35,7 +35,7 @@ from tfanet_core.config import load_config
 from tfanet_core.metrics import image_auroc, pixel_auroc
 from tfanet_core.pseudo_anomalies import separation_selector
 from tfanet_core.templates import select_template
-from tfanet_core.training import build_model, feature_statistics, fit
+from tfanet_core.training import fit, prepared_model
 
 OUT_JSON = RESULTS / "selection_curves.json"
 OUT_PNG = RESULTS / "selection_curves.png"
@@ -60,9 +60,7 @@ def curve(category: str, epochs: int, cache: FeatureCache) -> dict:
             record["test_pixel_auroc"] = pixel_auroc(split.masks, maps.numpy())
         return record
 
-    model = build_model(config, train_f.shape[1])
-    model.set_feature_stats(*feature_statistics(train_f))
-    model.set_template(train_f[select_template(train_f, config.template.strategy).index])
+    model = prepared_model(config, train_f, select_template(train_f, config.template.strategy).index)
     started = time.perf_counter()
     result = fit(model, train_f, config.train, val_f, progress=False, selector=signals)
     return {

@@ -375,7 +375,7 @@ def training_benchmark(plan: Plan, work: Path, threads: int, progress: bool) -> 
     """Seconds per training epoch with the cache cold vs warm, scaling with N, float16 and int8 score effects."""
     from tfanet_core.data.layouts import discover
     from tfanet_core.data.synth import generate
-    from tfanet_core.training import build_model, feature_statistics, fit
+    from tfanet_core.training import fit, prepared_model
 
     torch.set_num_threads(threads)
     config = load_config(plan.train_profile, ["train.epochs=1", "train.selection=last"])
@@ -392,9 +392,7 @@ def training_benchmark(plan: Plan, work: Path, threads: int, progress: bool) -> 
         start = time.perf_counter()
         features = extract_features(extractor, paths, progress=False, cache=cache)
         extracted = time.perf_counter()
-        model = build_model(config, extractor.out_channels)
-        model.set_feature_stats(*feature_statistics(features))
-        model.set_template(features[0])
+        model = prepared_model(config, features, 0)
         fit(model, features, replace(config.train, epochs=epochs), progress=False)
         return extracted - start, time.perf_counter() - extracted, cache
 
@@ -424,9 +422,7 @@ def training_benchmark(plan: Plan, work: Path, threads: int, progress: bool) -> 
     # A briefly trained model on real weights: what the float16 cache and int8 do to actual scores.
     n_fit = plan.train_counts[len(plan.train_counts) // 2]
     features = extract_features(extractor, train[:n_fit], progress=False, cache=FeatureCache(work / f"cache-{n_fit}"))
-    model = build_model(config, extractor.out_channels)
-    model.set_feature_stats(*feature_statistics(features))
-    model.set_template(features[0])
+    model = prepared_model(config, features, 0)
     train_config = replace(config.train, epochs=plan.fit_epochs)
     fit(model, features, train_config, progress=progress)
     bundle = Bundle(config=config, model=model, backbone=extractor.describe())

@@ -127,16 +127,13 @@ def short_run_trial(
     progress: bool = False,
 ) -> Callable[[int], float]:
     """Validation loss after ``epochs`` of training with template ``index``; same seed and data for all."""
-    from tfanet_core.training import build_model, evaluate_loss, feature_statistics, fit  # training imports us
+    from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model  # training imports us
 
     train_config = replace(config.train, epochs=epochs, selection="last", checkpoint_every=epochs)
     stats = feature_statistics(features) if config.features.standardize else None
 
     def trial(index: int) -> float:
-        model = build_model(config, features.shape[1])
-        if stats is not None:
-            model.set_feature_stats(*stats)
-        model.set_template(features[index])
+        model = prepared_model(config, features, index, stats)
         fit(model, features, train_config, device=device, progress=progress)
         return evaluate_loss(model, val_features, train_config, torch.device(device))
 

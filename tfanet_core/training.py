@@ -54,6 +54,23 @@ def build_model(config: Config, in_channels: int, seed: int | None = None) -> Te
         return TemplateAggregator(config.model, in_channels, config.features.feature_size)
 
 
+def prepared_model(
+    config: Config,
+    train_features: torch.Tensor,
+    template_index: int,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> TemplateAggregator:
+    """A fresh TFA-Net ready to fit: standardization statistics (when configured) and template set.
+
+    ``stats`` saves recomputing the statistics when many models share one training set (template trials).
+    """
+    model = build_model(config, train_features.shape[1])
+    if config.features.standardize:
+        model.set_feature_stats(*(stats if stats is not None else feature_statistics(train_features)))
+    model.set_template(train_features[template_index])
+    return model
+
+
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std over training images and positions (for ``features.standardize``)."""
     flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
@@ -267,10 +284,7 @@ def train_category(
             device=device,
             progress=progress,
         )
-    model = build_model(config, extractor.out_channels)
-    if config.features.standardize:
-        model.set_feature_stats(*feature_statistics(train_features))
-    model.set_template(train_features[choice.index])
+    model = prepared_model(config, train_features, choice.index)
     selector = None
     if config.train.selection == "synthetic":
         selector = separation_selector(
