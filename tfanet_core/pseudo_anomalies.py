@@ -182,16 +182,11 @@ def separation_selector(
     pseudo = synthesize(normals, donors, per_image, seed=config.train.seed)
     extractor.to(device)
     anomaly_features = torch.cat(
-        [
-            extractor(pseudo.images[start : start + 8].to(device)).float().cpu()
-            for start in range(0, len(pseudo.images), 8)
-        ]
+        [extractor(pseudo.images[start : start + 8].to(device)).float() for start in range(0, len(pseudo.images), 8)]
     )
-    size_out = config.features.image_size
+    normal_features = val_features.to(device)  # both stay on the device for every epoch's check
 
     def select(model: TemplateAggregator) -> dict[str, float]:
-        return separation(
-            model, val_features.to(device), anomaly_features.to(device), pseudo.masks, size_out, config.scoring
-        )
+        return separation(model, normal_features, anomaly_features, pseudo.masks, size, config.scoring)
 
     return select
