@@ -50,6 +50,15 @@ def _agg(values: list[float | None], digits: int = 3) -> str:
     return f"{mean(vals):.{digits}f} ± {(max(vals) - min(vals)) / 2:.{digits}f}"
 
 
+def _delta(a: float | None, b: float | None) -> str:
+    """Signed a − b, or a dash where either is missing."""
+    return "–" if a is None or b is None else f"{a - b:+.3f}"
+
+
+def _img_pix_pro(m: dict[str, Any]) -> str:
+    return f"{_f(m['image_auroc'])} / {_f(m['pixel_auroc'])} / {_f(m['aupro'])}"
+
+
 def _spro(metrics: dict[str, Any]) -> float | None:
     return (metrics.get("au_spro") or {}).get(SPRO_LIMIT)
 
@@ -105,13 +114,9 @@ def gap_table(rows: list[dict[str, Any]]) -> list[str]:
             (r for r in rows if r["group"] == "baseline" and r["method"] == "mean" and r["category"] == cat), None
         )
         fm = next(iter(floor["metrics"].values())) if floor else {}
-
-        def delta(a: float | None, b: float | None) -> str:
-            return "–" if a is None or b is None else f"{a - b:+.3f}"
-
         out.append(
-            f"| {cat} | {_f(best_img)} | {_f(ours_img)} | {delta(ours_img, best_img)} | {_f(best_pix)} | "
-            f"{_f(ours_pix)} | {delta(ours_pix, best_pix)} | "
+            f"| {cat} | {_f(best_img)} | {_f(ours_img)} | {_delta(ours_img, best_img)} | {_f(best_pix)} | "
+            f"{_f(ours_pix)} | {_delta(ours_pix, best_pix)} | "
             f"{_f(fm.get('image_auroc'))} / {_f(fm.get('pixel_auroc'))} |"
         )
     return out
@@ -156,8 +161,7 @@ def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
             if r is None:
                 res.append("not run")
                 continue
-            m = r["metrics"]["default"]
-            res.append(f"{_f(m['image_auroc'])} / {_f(m['pixel_auroc'])} / {_f(m['aupro'])}")
+            res.append(_img_pix_pro(r["metrics"]["default"]))
         return res
 
     def deltas(by_cat: dict[str, dict[str, Any]], key: str) -> str:
@@ -200,15 +204,10 @@ def fader_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in fader:
         on, off = r["metrics"]["default"], r["metrics"]["fader_off"]
-
-        def d(key: str, on: dict[str, Any] = on, off: dict[str, Any] = off) -> str:
-            return "–" if on[key] is None or off[key] is None else f"{on[key] - off[key]:+.3f}"
-
         out.append(
-            f"| {r['dataset']} | {r['category']} | {r['profile']} | {r['seed']} | "
-            f"{_f(off['image_auroc'])} / {_f(off['pixel_auroc'])} / {_f(off['aupro'])} | "
-            f"{_f(on['image_auroc'])} / {_f(on['pixel_auroc'])} / {_f(on['aupro'])} | {d('image_auroc')} | "
-            f"{d('pixel_auroc')} |"
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {r['seed']} | {_img_pix_pro(off)} | "
+            f"{_img_pix_pro(on)} | {_delta(on['image_auroc'], off['image_auroc'])} | "
+            f"{_delta(on['pixel_auroc'], off['pixel_auroc'])} |"
         )
     return out
 
