@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tfanet_core.config import ScoringConfig
 from tfanet_core.scoring import anomaly_map, gaussian_blur, image_score
+from tfanet_core.training import feature_statistics
 
 
 def _positions(features: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,8 @@ def mean_reconstruction(
     train: torch.Tensor, test: torch.Tensor, image_size: int, scoring: ScoringConfig, batch: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position mean of the standardized training features as every image's reconstruction, scored like TFA-Net."""
-    flat = train.transpose(0, 1).reshape(train.shape[1], -1).double()
-    mean_c, std_c = flat.mean(1).float().view(1, -1, 1, 1), flat.std(1).float().clamp_min(1e-6).view(1, -1, 1, 1)
+    mean, std = feature_statistics(train)  # and the clamp of TemplateAggregator.set_feature_stats
+    mean_c, std_c = mean.view(1, -1, 1, 1), std.clamp_min(1e-6).view(1, -1, 1, 1)
     template = ((train - mean_c) / std_c).mean(dim=0, keepdim=True)
     scores, maps = [], []
     for start in range(0, len(test), batch):
