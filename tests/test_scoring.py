@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from tfanet_core.config import ScoringConfig
+from tfanet_core.config import ScoringConfig, load_config
+from tfanet_core.metrics import pixel_auroc
 from tfanet_core.scoring import anomaly_map, distance_maps, gaussian_blur, image_score, reconstruction_loss
 
 
@@ -59,3 +61,28 @@ def test_product_and_sum_maps_and_image_scores() -> None:
     assert image_score(maps, ScoringConfig(image_score="max")).item() == 5.0
     assert image_score(maps, ScoringConfig(image_score="topk", top_k=2)).item() == 4.5
     assert math.isclose(image_score(maps, ScoringConfig(image_score="std")).item(), maps.flatten().std().item())
+
+
+def test_coarse_scale_finds_a_large_faint_defect_that_single_positions_hide() -> None:
+    """A weak shift over a quarter of the image, under per-position reconstruction noise twice its size."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(8, 4, 16, 16, generator=generator)
+    predicted = target + torch.randn(target.shape, generator=generator)
+    predicted[4:, :, :8, :8] += 0.5  # images 4..7: a faint, large defect in the top-left quadrant
+    masks = np.zeros((8, 64, 64), dtype=bool)
+    masks[4:, :32, :32] = True
+
+    def pix(scales: list[int]) -> float:
+        return pixel_auroc(masks, anomaly_map(target, predicted, 64, ScoringConfig(sigma=1.0, scales=scales)).numpy())
+
+    fine, coarse, both = pix([1]), pix([4]), pix([1, 4])
+    assert fine < 0.7 < both < coarse  # the noise hides it position by position; 4×4 averages the noise away
+    single = [anomaly_map(target, predicted, 64, ScoringConfig(sigma=1.0, scales=[k])) for k in (1, 4)]
+    combined = anomaly_map(target, predicted, 64, ScoringConfig(sigma=1.0, scales=[1, 4]))
+    assert torch.allclose(combined, (single[0] * single[1]).sqrt(), rtol=1e-4)  # their geometric mean
+
+
+@pytest.mark.parametrize("scales", [[], [3], [1, 1], [0]])
+def test_scales_must_be_distinct_divisors_of_the_feature_size(scales: list[int]) -> None:
+    with pytest.raises(ValueError, match=r"scoring\.scales"):
+        load_config("tiny", [f"scoring.scales={scales}"])  # tiny: feature_size 16

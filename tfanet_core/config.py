@@ -71,6 +71,7 @@ class TemplateConfig:
 class ScoringConfig:
     map: str = "product"
     sigma: float = 4.0
+    scales: list[int] = field(default_factory=lambda: [1])  # feature pooling factors; several → geometric mean
     image_score: str = "std"
     top_k: int = 100
 
@@ -201,6 +202,11 @@ def validate(config: Config) -> None:
         )
     if s.map not in SCORING_MAPS:
         problems.append(f"scoring.map={s.map!r} must be one of {SCORING_MAPS}")
+    if not s.scales or any(k < 1 or f.feature_size % k for k in s.scales) or len(set(s.scales)) != len(s.scales):
+        problems.append(
+            f"scoring.scales={s.scales} must be distinct divisors of features.feature_size={f.feature_size} "
+            "(e.g. [1, 8])"
+        )
     if s.image_score not in IMAGE_SCORES:
         problems.append(f"scoring.image_score={s.image_score!r} must be one of {IMAGE_SCORES}")
     if t.selection not in SELECTIONS:

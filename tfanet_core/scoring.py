@@ -48,7 +48,26 @@ def distance_maps(target: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.
 
 
 def anomaly_map(target: torch.Tensor, predicted: torch.Tensor, image_size: int, config: ScoringConfig) -> torch.Tensor:
-    """Dual-mode map (paper Eq. 8): each distance upsampled and smoothed, then multiplied (or summed)."""
+    """Dual-mode map (paper Eq. 8) at every scale of ``config.scales``; several scales give their geometric mean.
+
+    Scale k compares the features average-pooled over k×k positions. A large low-contrast defect whose
+    every position still looks like normal texture (magnetic_tile's "uneven") stands out once its
+    area is averaged; a small one is best seen at scale 1. The geometric mean needs no per-scale
+    normalization: a constant factor on one scale's map scales every pixel alike.
+    """
+    maps = []
+    for k in config.scales:
+        t, p = (F.avg_pool2d(target, k), F.avg_pool2d(predicted, k)) if k > 1 else (target, predicted)
+        maps.append(_single_scale_map(t, p, image_size, config))
+    if len(maps) == 1:
+        return maps[0]
+    return torch.stack(maps).clamp_min(torch.finfo(maps[0].dtype).tiny).log().mean(dim=0).exp()
+
+
+def _single_scale_map(
+    target: torch.Tensor, predicted: torch.Tensor, image_size: int, config: ScoringConfig
+) -> torch.Tensor:
+    """Each distance upsampled to the image and smoothed, then multiplied (paper) or summed (reference script)."""
     euclidean, cosine = distance_maps(target, predicted)
     size = (image_size, image_size)
 
