@@ -8,7 +8,9 @@ exists is skipped, so a killed run loses at most the row in progress. ``report``
     python benchmarks/accuracy.py run --plan baselines            # kNN + mean-reconstruction rows
     python benchmarks/accuracy.py run --plan ablations [--only mask]
     python benchmarks/accuracy.py run --plan final --seeds 0 1
+    python benchmarks/accuracy.py run --plan candidates --seeds 0 1   # alternatives to the profile, same protocol
     python benchmarks/accuracy.py list --plan ablations           # what a plan would run, and what is done
+    python benchmarks/accuracy.py rescore --plan final --seeds 0 1  # kept bundles, today's metrics and variants
     python benchmarks/accuracy.py report
 
 Evaluation reads the test images' backbone features from the feature cache (float16 layer maps;
@@ -40,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import knn_scores, mean_reconstruction
 
+from tfanet_core.bundle import load_bundle
 from tfanet_core.cache import FeatureCache
 from tfanet_core.config import Config, FeatureConfig, ScoringConfig, load_config
 from tfanet_core.data.images import load_mask
@@ -47,10 +50,11 @@ from tfanet_core.data.layouts import Sample, discover, load_defects_config, spli
 from tfanet_core.data.synth import generate
 from tfanet_core.evaluate import loco_defects
 from tfanet_core.features import FeatureExtractor, extract_features
-from tfanet_core.metrics import Defect, au_spro, evaluate_scores
+from tfanet_core.metrics import Defect, au_spro, evaluate_scores, pixel_auroc
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
-from tfanet_core.training import train_category
+from tfanet_core.templates import select_template
+from tfanet_core.training import fit, prepared_model, train_category
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -60,12 +64,19 @@ REAL_CATEGORIES = ("kolektorsdd", "magnetic_tile", "mvtec_loco/juice_bottle")
 SYNTH_ROOT = Path("/tmp/tfanet-acc-synth")
 SYNTH_CATEGORIES = ("fabric", "bracket")
 SCORING_VARIANTS = {
-    "product+std": {"map": "product", "image_score": "std"},
-    "product+max": {"map": "product", "image_score": "max"},
-    "product+topk": {"map": "product", "image_score": "topk"},
-    "sum+std": {"map": "sum", "image_score": "std"},
-    "sum+max": {"map": "sum", "image_score": "max"},
-    "sum+topk": {"map": "sum", "image_score": "topk"},
+    # map and image score at the profile's scale 1
+    "product+std, scales 1": {"map": "product", "image_score": "std", "scales": [1]},
+    "product+max, scales 1": {"map": "product", "image_score": "max", "scales": [1]},
+    "product+topk, scales 1": {"map": "product", "image_score": "topk", "scales": [1]},
+    "sum+std, scales 1": {"map": "sum", "image_score": "std", "scales": [1]},
+    "sum+max, scales 1": {"map": "sum", "image_score": "max", "scales": [1]},
+    "sum+topk, scales 1": {"map": "sum", "image_score": "topk", "scales": [1]},
+    # map scales (feature pooling factors, tfanet_core/scoring.py) with the paper's product map and std score
+    "product+std, scales 1,2": {"map": "product", "image_score": "std", "scales": [1, 2]},
+    "product+std, scales 1,2,4": {"map": "product", "image_score": "std", "scales": [1, 2, 4]},
+    "product+std, scales 1,2,4,8": {"map": "product", "image_score": "std", "scales": [1, 2, 4, 8]},
+    "product+std, scales 1,8": {"map": "product", "image_score": "std", "scales": [1, 8]},
+    "product+std, scales 8": {"map": "product", "image_score": "std", "scales": [8]},
 }
 
 
@@ -81,6 +92,7 @@ class Row:
     dataset: str = "real"  # real | synth
     rescore: bool = False  # also score every SCORING_VARIANTS entry
     fader_pair: bool = False  # score with the FADeR attenuator on and off
+    raw_template: bool = False  # reproduce the reference code's fault: template features of the unnormalized image
 
     @property
     def id(self) -> str:
@@ -167,10 +179,22 @@ def features_of(split: Split, config: Config, name: str) -> torch.Tensor:
 
 
 def metrics_of(split: Split, scores: torch.Tensor, maps: torch.Tensor) -> dict[str, Any]:
+    """evaluate_scores, AU-sPRO where LOCO defects exist, and pixel AUROC per defect type where there are several.
+
+    The per-type figures show when one type dominates the pooled pixel AUROC (magnetic_tile's large "uneven"
+    regions hold most of its defective pixels).
+    """
     maps_np = maps.numpy().astype(np.float32)
     result: dict[str, Any] = evaluate_scores(split.labels, scores.numpy(), split.masks, maps_np)
     if split.defects is not None:
         result["au_spro"] = {str(k): v for k, v in au_spro(maps_np, split.defects).items()}
+    types = np.array([s.label for s in split.test])
+    defect_types = sorted({t for t, bad in zip(types, split.labels, strict=True) if bad})
+    if split.masks is not None and len(defect_types) > 1:
+        good = split.labels == 0
+        result["pixel_auroc_by_type"] = {
+            t: pixel_auroc(split.masks[(types == t) | good], maps_np[(types == t) | good]) for t in defect_types
+        }
     return result
 
 
@@ -188,6 +212,39 @@ def score_model(
             out[name][0].append(image_score(m, scoring))
             out[name][1].append(m)
     return {name: (torch.cat(s), torch.cat(m)) for name, (s, m) in out.items()}
+
+
+def train_with_raw_template(config: Config, split: Split) -> tuple[TemplateAggregator, dict[str, Any], dict[str, Any]]:
+    """The reference code's fault, for its ablation row: the template image skips the input normalization.
+
+    Everything else is ``train_category``'s path (same template choice, same fit); the template's
+    features bypass the cache, whose key does not know about the normalization.
+    """
+    train_f, val_f = features_of(split, config, "train"), features_of(split, config, "val")
+    choice = select_template(train_f, config.template.strategy, val_features=val_f, config=config)
+    extractor = extractor_for(config.features)
+    mean, std = extractor.mean.clone(), extractor.std.clone()
+    extractor.mean.zero_()
+    extractor.std.fill_(1.0)
+    try:
+        raw = extract_features(extractor, [split.train[choice.index].path], progress=False)
+    finally:
+        extractor.mean.copy_(mean)
+        extractor.std.copy_(std)
+    model = prepared_model(config, train_f, choice.index)
+    model.set_template(raw[0])
+    result = fit(model, train_f, config.train, val_f, progress=False)
+    training = {"history": result.history, "best_epoch": result.best_epoch, "seconds": round(result.seconds, 2)}
+    template = {"image": str(split.train[choice.index].path), "evidence": choice.evidence}
+    return result.model, training, template
+
+
+def scorings_of(row: Row, config: Config) -> dict[str, ScoringConfig]:
+    """The profile's scoring ("default"), plus every SCORING_VARIANTS entry for a row that asks to be re-scored."""
+    scorings = {"default": config.scoring}
+    if row.rescore:
+        scorings |= {name: dataclasses.replace(config.scoring, **v) for name, v in SCORING_VARIANTS.items()}
+    return scorings
 
 
 # --- one row -------------------------------------------------------------------------------------------------
@@ -217,42 +274,40 @@ def run_row(row: Row, cache: FeatureCache, work: Path) -> dict[str, Any]:
         record.update(sizes, fit_and_score_seconds=round(time.perf_counter() - t0, 1))
         variants["max"] = metrics_of(split, scores, maps)
     elif row.method == "mean":
-        scorings = {name: dataclasses.replace(config.scoring, **v) for name, v in SCORING_VARIANTS.items()}
-        if not row.rescore:
-            scorings = {"default": config.scoring}
-        for name, scoring in scorings.items():
+        for name, scoring in scorings_of(row, config).items():
             variants[name] = metrics_of(split, *mean_reconstruction(train_f, test_f, size, scoring))
     else:
         bundle_dir = work / row.id
         t0, c0 = time.perf_counter(), time.process_time()
-        bundle = train_category(row.root, row.category, config, bundle_dir, cache_dir=cache.root, progress=False)
+        if row.raw_template:
+            model, training, template = train_with_raw_template(config, split)
+        else:
+            bundle = train_category(row.root, row.category, config, bundle_dir, cache_dir=cache.root, progress=False)
+            model, training, template = bundle.model, bundle.training, bundle.template
         train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-        history = bundle.training["history"]
+        history = training["history"]
         epochs_run = len(history)
         record.update(
             train_minutes=round(train_seconds / 60, 2),
-            fit_seconds=bundle.training["seconds"],
+            fit_seconds=training["seconds"],
             train_cpu_share=round(train_cpu / max(train_seconds, 1e-9) / torch.get_num_threads(), 2),
-            train_images_per_s=round(len(split.train) * epochs_run / max(bundle.training["seconds"], 1e-9), 1),
-            best_epoch=bundle.training["best_epoch"],
+            train_images_per_s=round(len(split.train) * epochs_run / max(training["seconds"], 1e-9), 1),
+            best_epoch=training["best_epoch"],
             history=history,
             epochs=epochs_run,
             final_train_loss=history[-1]["train_loss"] if history else None,
             best_val_loss=min((h.get("val_loss", float("inf")) for h in history), default=None),
-            template=bundle.template.get("image"),
-            template_evidence=bundle.template.get("evidence"),
-            parameters=sum(p.numel() for p in bundle.model.parameters()),
+            template=template.get("image"),
+            template_evidence=template.get("evidence"),
+            parameters=sum(p.numel() for p in model.parameters()),
         )
-        scorings = {"default": config.scoring}
-        if row.rescore:
-            scorings |= {name: dataclasses.replace(config.scoring, **v) for name, v in SCORING_VARIANTS.items()}
         t0 = time.perf_counter()
-        for name, (scores, maps) in score_model(bundle.model, test_f, size, scorings).items():
+        for name, (scores, maps) in score_model(model, test_f, size, scorings_of(row, config)).items():
             variants[name] = metrics_of(split, scores, maps)
         record["test_images_per_s_cached"] = round(len(split.test) / (time.perf_counter() - t0), 1)
         if row.fader_pair:
-            bundle.model.fader.fitted.fill_(False)  # the same TFA-Net, attenuator switched off
-            scores, maps = score_model(bundle.model, test_f, size, {"x": config.scoring})["x"]
+            model.fader.fitted.fill_(False)  # the same TFA-Net, attenuator switched off
+            scores, maps = score_model(model, test_f, size, {"x": config.scoring})["x"]
             variants["fader_off"] = metrics_of(split, scores, maps)
         if not row.rescore:
             shutil.rmtree(bundle_dir, ignore_errors=True)  # keep only the bundles later rescored by hand
@@ -273,9 +328,9 @@ def _categories(dataset: str) -> tuple[str, ...]:
 
 
 # Ablations run at a fixed budget and selection (ABLATION_BASE, pinned so that a profile change does not move old
-# rows: it is the first ``cpu`` profile, 10 epochs with validation-loss selection); the reference point of every
-# group is that row ("base").
-ABLATION_BASE = ("train.epochs=10", "train.selection=val_loss", "train.patience=0")
+# rows: it is the first ``cpu`` profile, 10 epochs with validation-loss selection, maps at scale 1 only); the
+# reference point of every group is that row ("base").
+ABLATION_BASE = ("train.epochs=10", "train.selection=val_loss", "train.patience=0", "scoring.scales=[1]")
 ABLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "standardize": {"on": (), "off": ("features.standardize=false",)},
     "mask_ratio": {"0": (), "0.25": ("model.mask_ratio=0.25",), "0.5": ("model.mask_ratio=0.5",)},
@@ -313,10 +368,14 @@ ABLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# Alternatives to the ``cpu`` profile run exactly like its main rows (full schedule, every seed, re-scored).
+CANDIDATES: dict[str, tuple[str, ...]] = {"map scales 1,2,4,8": ("scoring.scales=[1,2,4,8]",)}
+
+
 def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     if name == "baselines":
-        rows += [Row("baseline", "mean", cat, method="mean") for cat in REAL_CATEGORIES]
+        rows += [Row("baseline", "mean", cat, method="mean", rescore=True) for cat in REAL_CATEGORIES]
         rows += [Row("baseline", "mean", c, method="mean", profile="tiny", dataset="synth") for c in SYNTH_CATEGORIES]
         # kolektorsdd last: its 2·10⁵-vector bank makes the greedy coreset the slowest step of the harness
         rows += [Row("baseline", "patchcore-knn", cat, method="knn") for cat in sorted(REAL_CATEGORIES, reverse=True)]
@@ -337,6 +396,11 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
                             overrides=(*base, *overrides),
                         )
                     )
+        if not groups or "template_input" in groups:
+            for cat in REAL_CATEGORIES:
+                rows.append(
+                    Row("template_input", "not normalized (reference code)", cat, overrides=base, raw_template=True)
+                )
     elif name == "fader":
         for dataset, profile, extra in (("real", "cpu", ABLATION_BASE), ("synth", "tiny", ())):
             for cat in _categories(dataset):
@@ -356,8 +420,15 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
     elif name == "final":
         for seed in seeds:
             rows += [Row("main", "cpu", cat, seed=seed, rescore=True) for cat in REAL_CATEGORIES]
+    elif name == "candidates":
+        for variant, overrides in CANDIDATES.items():
+            for seed in seeds:
+                rows += [
+                    Row("candidate", variant, cat, overrides=overrides, seed=seed, rescore=True)
+                    for cat in REAL_CATEGORIES
+                ]
     else:
-        raise SystemExit(f"unknown plan {name!r}: baselines | ablations | fader | final")
+        raise SystemExit(f"unknown plan {name!r}: baselines | ablations | fader | final | candidates")
     return list(dict.fromkeys(rows))  # the shared "base" rows once
 
 
@@ -385,9 +456,29 @@ def run(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> None:
         )
 
 
+def rescore(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> None:
+    """Re-evaluate the kept bundles of finished rows with today's metrics and scoring variants; training stays."""
+    cache = FeatureCache(cache_dir)
+    for row in rows:
+        out, bundle_dir = RUNS / f"{row.id}.json", work / row.id
+        if (only and only not in row.id) or not out.is_file() or not (bundle_dir / "bundle.json").is_file():
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] rescore {row.id}", flush=True)
+        record = json.loads(out.read_text())
+        bundle = load_bundle(bundle_dir)
+        split = load_split(row.root, row.category, bundle.config, cache)
+        test_f = features_of(split, bundle.config, "test")
+        scored = score_model(bundle.model, test_f, bundle.config.features.image_size, scorings_of(row, bundle.config))
+        record["metrics"] = {name: metrics_of(split, *result) for name, result in scored.items()}
+        record["rescored_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "list", "report"])
+    parser.add_argument("command", choices=["run", "list", "rescore", "report"])
     parser.add_argument("--plan", default="baselines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--groups", nargs="*", help="ablation groups to run (default: all)")
@@ -412,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "list":
         for row in rows:
             print(("done  " if (RUNS / f"{row.id}.json").is_file() else "todo  ") + row.id)
+        return
+    if args.command == "rescore":
+        rescore(rows, args.cache, args.work, args.only)
         return
     run(rows, args.cache, args.work, args.only)
 
