@@ -432,6 +432,13 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
     return list(dict.fromkeys(rows))  # the shared "base" rows once
 
 
+def write_row(out: Path, record: dict[str, Any]) -> None:
+    """Atomically: a killed run never leaves a half-written row that would count as done."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+
+
 def run(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(cache_dir)
@@ -445,9 +452,7 @@ def run(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> None:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {row.id} (load {os.getloadavg()[0]:.2f})", flush=True)
         record = run_row(row, cache, work)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        write_row(out, record)
         m = next(iter(record["metrics"].values()))
         print(
             f"    image {m['image_auroc']}  pixel {m['pixel_auroc']}  aupro {m['aupro']}  "
@@ -471,9 +476,7 @@ def rescore(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> N
         scored = score_model(bundle.model, test_f, bundle.config.features.image_size, scorings_of(row, bundle.config))
         record["metrics"] = {name: metrics_of(split, *result) for name, result in scored.items()}
         record["rescored_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        write_row(out, record)
 
 
 def main(argv: list[str] | None = None) -> None:

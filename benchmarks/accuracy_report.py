@@ -63,6 +63,16 @@ def _spro(metrics: dict[str, Any]) -> float | None:
     return (metrics.get("au_spro") or {}).get(SPRO_LIMIT)
 
 
+def _of(rows: list[dict[str, Any]], group: str, category: str, method: str | None = None) -> list[dict[str, Any]]:
+    """The rows of one group (and method) for one category."""
+    return [r for r in rows if r["group"] == group and r["category"] == category and method in (None, r["method"])]
+
+
+def _baseline_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A baseline row's headline metrics: its profile scoring where it was re-scored, else its only entry."""
+    return row["metrics"].get("default") or next(iter(row["metrics"].values()))
+
+
 def _load(rows: list[dict[str, Any]]) -> str:
     return "/".join(f"{max(r['loadavg_before'][0], r['loadavg_after'][0]):.1f}" for r in rows)
 
@@ -77,13 +87,13 @@ def main_table(rows: list[dict[str, Any]]) -> list[str]:
         for name, (img, pix, pro) in peers.items():
             out.append(f"| {cat} | {name} | 1 | {_f(img)} | {_f(pix)} | {_f(pro)} | – | – | – | – |")
         for method in ("knn", "mean"):
-            for r in (r for r in rows if r["group"] == "baseline" and r["method"] == method and r["category"] == cat):
-                m = next(iter(r["metrics"].values()))
+            for r in _of(rows, "baseline", cat, method):
+                m = _baseline_metrics(r)
                 out.append(
                     f"| {cat} | {METHOD_NAMES[method]} | 1 | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | "
                     f"{_f(m['aupro'])} | {_f(_spro(m))} | – | – | {_load([r])} |"
                 )
-        mine = [r for r in rows if r["group"] == "main" and r["category"] == cat]
+        mine = _of(rows, "main", cat)
         if mine:
             ms = [r["metrics"]["default"] for r in mine]
             out.append(
@@ -102,25 +112,19 @@ def gap_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for cat, peers in PEERS.items():
-        mine = [r["metrics"]["default"] for r in rows if r["group"] == "main" and r["category"] == cat]
+        mine = [r["metrics"]["default"] for r in _of(rows, "main", cat)]
         if not mine:
             continue
         ours_img = mean(m["image_auroc"] for m in mine)
         pix = [m["pixel_auroc"] for m in mine if m["pixel_auroc"] is not None]
         ours_pix = mean(pix) if pix else None
         # the peers quoted in the issue and this harness's own kNN rows
-        knn = [
-            next(iter(r["metrics"].values()))
-            for r in rows
-            if r["group"] == "baseline" and r["method"] == "knn" and r["category"] == cat
-        ]
+        knn = [_baseline_metrics(r) for r in _of(rows, "baseline", cat, "knn")]
         candidates = [*peers.values(), *((m["image_auroc"], m["pixel_auroc"], m["aupro"]) for m in knn)]
         best_img = max((v[0] for v in candidates if v[0] is not None), default=None)
         best_pix = max((v[1] for v in candidates if v[1] is not None), default=None)
-        floor = next(
-            (r for r in rows if r["group"] == "baseline" and r["method"] == "mean" and r["category"] == cat), None
-        )
-        fm = next(iter(floor["metrics"].values())) if floor else {}
+        floors = _of(rows, "baseline", cat, "mean")
+        fm = _baseline_metrics(floors[0]) if floors else {}
         out.append(
             f"| {cat} | {_f(best_img)} | {_f(ours_img)} | {_delta(ours_img, best_img)} | {_f(best_pix)} | "
             f"{_f(ours_pix)} | {_delta(ours_pix, best_pix)} | "
@@ -144,11 +148,11 @@ def candidate_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
     def means(rs: list[dict[str, Any]], key: str) -> float | None:
-        values = [m[key] if key != "spro" else _spro(m) for m in (r["metrics"]["default"] for r in rs)]
+        values = [r["metrics"]["default"][key] for r in rs]
         return mean(values) if values and None not in values else None
 
     for (variant, cat), mine in cands.items():
-        cpu = [r for r in rows if r["group"] == "main" and r["category"] == cat]
+        cpu = _of(rows, "main", cat)
         ms = [r["metrics"]["default"] for r in mine]
         deltas = " / ".join(_delta(means(mine, k), means(cpu, k)) for k in ("image_auroc", "pixel_auroc", "aupro"))
         out.append(
@@ -188,10 +192,8 @@ def by_type_table(rows: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for cat in PEERS:
         methods = {
-            "TFA-Net `cpu`": [r for r in rows if r["group"] == "main" and r["category"] == cat],
-            "mean reconstruction (no network)": [
-                r for r in rows if r["group"] == "baseline" and r["method"] == "mean" and r["category"] == cat
-            ],
+            "TFA-Net `cpu`": _of(rows, "main", cat),
+            "mean reconstruction (no network)": _of(rows, "baseline", cat, "mean"),
         }
         body, types = [], []
         for label, mine in methods.items():
