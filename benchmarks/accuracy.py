@@ -54,7 +54,8 @@ from tfanet_core.metrics import Defect, au_spro, evaluate_scores, pixel_auroc
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
 from tfanet_core.templates import select_template
-from tfanet_core.training import fit, prepared_model, train_category
+from tfanet_core.training import fit, prepared_model
+from tfanet_core.workflow import train_category
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

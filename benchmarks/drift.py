@@ -51,7 +51,7 @@ from tfanet_core.data.synth import generate
 from tfanet_core.drift import DriftConfig, Reference, build_reference, calibrate_null, check_window, embed, measure
 from tfanet_core.predictor import Predictor
 from tfanet_core.scoring import gaussian_blur
-from tfanet_core.training import train_category
+from tfanet_core.workflow import train_category
 
 REPO = Path(__file__).resolve().parents[1]
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -231,7 +231,8 @@ def prepare_fresh_split(
     size = predictor.image_size
     pool = load_tensor(pool_paths, size)
     pool_embeddings, pool_scores = measure(predictor, pool, progress=True)
-    calibrated = (predictor.bundle.thresholds.get("image") or {}).get("calibration_fpr") or 0.0
+    image = predictor.bundle.thresholds.get("image")
+    calibrated = (image.calibration_fpr if image is not None else None) or 0.0
     return Setup(
         name,
         predictor,

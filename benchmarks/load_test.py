@@ -65,7 +65,7 @@ def _train_tiny(work: Path, product: str) -> tuple[Path, Path]:
     """A tiny-profile bundle on the synthetic dataset: speed does not depend on how well it is trained."""
     from tfanet_core.config import load_config
     from tfanet_core.data.synth import generate
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     data = work / "synth"
     generate(data, seed=0)

@@ -31,13 +31,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from tfanet_core.config import Config, load_config
 from tfanet_core.config import validate as validate_config
 from tfanet_core.data.images import DataError, is_image_file, open_image
-from tfanet_core.data.layouts import GOOD, Sample, discover, split_validation
+from tfanet_core.data.layouts import GOOD, Sample, split_validation
 from tfanet_core.data.manifest import Manifest, ManifestRow, build_manifest
+from tfanet_core.errors import ConfigError, TfanetError
 
 __all__ = [
     "CONFIG_SECTIONS",
@@ -81,7 +83,9 @@ class ProductPaths:
     plots = property(lambda self: self.root / "plots")
     overlays = property(lambda self: self.root / "overlays")
     bundle = property(lambda self: self.root / "bundle")
+    scores = property(lambda self: self.root / "scores.json")
     calibration = property(lambda self: self.root / "calibration.json")
+    calibration_plot = property(lambda self: self.root / "calibration.png")
     registry = property(lambda self: self.root / "registry.json")
 
 
@@ -91,14 +95,14 @@ class ProductPaths:
 def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no params file; run from the DVC project root (where dvc.yaml is)")
+        raise ConfigError(f"{path}: no params file; run from the DVC project root (where dvc.yaml is)")
     return yaml.safe_load(path.read_text()) or {}
 
 
 def product_params(params: Mapping[str, Any], product: str) -> dict[str, Any]:
     products = params.get("products") or {}
     if product not in products:
-        raise ValueError(f"product '{product}' is not in params.yaml (products: {sorted(products)}); add a section")
+        raise ConfigError(f"product '{product}' is not in params.yaml (products: {sorted(products)}); add a section")
     return dict(products[product])
 
 
@@ -171,7 +175,8 @@ def _inventory(root: Path, category: str, val_fraction: float, seed: int) -> Man
     if not rows:
         raise DataError(f"{cat}: no images found (expected train/good and test/<type> folders)")
     samples = [Sample(root / r.path, r.split, r.label) for r in rows]
-    val = {s.path for s in split_validation(samples, val_fraction, seed) if s.split == "val"}
+    sha = {root / r.path: r.sha256 for r in rows}
+    val = {s.path for s in split_validation(samples, val_fraction, seed, sha) if s.split == "val"}
     return Manifest([dataclasses.replace(r, split="val") if root / r.path in val else r for r in rows], root)
 
 
@@ -215,7 +220,7 @@ def prepare(data_root: Path | str, product: str, section: Mapping[str, Any], pat
 
 def _dataset(paths: ProductPaths) -> dict[str, Any]:
     if not paths.dataset.is_file():
-        raise FileNotFoundError(f"{paths.dataset} is missing: run the prepare step first (dvc repro)")
+        raise DataError(f"{paths.dataset} is missing: run the prepare step first (dvc repro)")
     return json.loads(paths.dataset.read_text())
 
 
@@ -234,25 +239,25 @@ def validate(data_root: Path | str, rules: Mapping[str, Any], paths: ProductPath
 # --- features, template, train ----------------------------------------------------------------------------
 
 
-def _split(data_root: Path, category: str, config: Config) -> tuple[list[Path], list[Path]]:
-    """Train and val image paths, split exactly as ``train_category`` splits them."""
-    samples = split_validation(discover(data_root, category), config.train.val_fraction, config.train.seed)
-    return [s.path for s in samples if s.split == "train"], [s.path for s in samples if s.split == "val"]
+def _manifest(data_root: Path | str, paths: ProductPaths) -> Manifest:
+    """The prepare step's manifest: the one split every later step trains, selects and calibrates on."""
+    if not paths.manifest.is_file():
+        raise DataError(f"{paths.manifest} is missing: run the prepare step first (dvc repro)")
+    return Manifest.read(paths.manifest, data_root)
 
 
 def features(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """Fill the product's feature cache with every normal train/val image, whatever the later split.
+    """Fill the product's feature cache with the manifest's normal train and val images.
 
-    Template, train and calibrate then read features without running the backbone; a new
-    split or a retrain costs no extraction.
+    Template, train and calibrate then read features without running the backbone.
     """
     from tfanet_core.cache import FeatureCache
     from tfanet_core.features import FeatureExtractor, extract_features
 
     config = product_config(section)
-    train, val = _split(Path(data_root), _category(section, product), config)
+    manifest = _manifest(data_root, paths)
     cache = FeatureCache(paths.features)
-    images = sorted(train + val)
+    images = sorted(s.path for split in ("train", "val") for s in manifest.samples(split))
     extract_features(
         FeatureExtractor(config.features), images, config.train.batch_size, desc=f"features {product}", cache=cache
     )
@@ -262,29 +267,30 @@ def features(data_root: Path | str, product: str, section: Mapping[str, Any], pa
 
 
 def template(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """The template image choice (``template.json``), from the cached features."""
-    from tfanet_core.templates import template_for_category, write_choice
+    """The template image choice (``template.json``) among the manifest's training images, from cached features."""
+    from tfanet_core.templates import write_choice
+    from tfanet_core.workflow import template_record
 
-    config = product_config(section)
-    record = template_for_category(data_root, _category(section, product), config, cache_dir=paths.features)
+    record = template_record(_manifest(data_root, paths), product_config(section), cache_dir=paths.features)
     write_choice(record, paths.template)
     return record
 
 
 def train(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """Fit TFA-Net with the chosen template; resumes from ``checkpoints/`` after a kill."""
-    from tfanet_core.training import train_category
+    """Fit TFA-Net on the manifest's training rows with the chosen template; resumes from ``checkpoints/``.
 
-    config = product_config(section)
-    bundle = train_category(
-        data_root,
-        _category(section, product),
-        config,
+    The model is written uncalibrated: the calibrate step sets its thresholds, once, after evaluation.
+    """
+    from tfanet_core.workflow import train_manifest
+
+    bundle = train_manifest(
+        _manifest(data_root, paths),
+        product_config(section),
         paths.model,
         checkpoint_dir=paths.checkpoints,
-        dataset_version=_dataset(paths)["version"],
         cache_dir=paths.features,
         template_file=paths.template,
+        calibrate=False,
     )
     _write_json(paths.history, bundle.training["history"])
     return {"best_epoch": bundle.training["best_epoch"], "epochs": len(bundle.training["history"])}
@@ -294,62 +300,79 @@ def train(data_root: Path | str, product: str, section: Mapping[str, Any], paths
 
 
 def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """Test-split metrics of the trained model: ``metrics.json`` (DVC metrics), ``plots/``, ``overlays/``.
+    """Test-split metrics of the trained model: ``metrics.json``, ``scores.json``, ``plots/``, ``overlays/``.
 
-    Runs before calibrate: the metrics (AUROC, AUPRO, F1-max) do not depend on the threshold,
-    so a new calibration target re-runs calibrate and register only.
+    Runs before calibrate and needs no threshold (AUROC, AUPRO, F1-max), so a new calibration
+    target re-runs calibrate and register only; calibrate reads ``scores.json`` back for the
+    counts at its threshold.
     """
+    from tfanet_core.evaluate import SCORES_FILE
     from tfanet_core.evaluate import evaluate as evaluate_bundle
 
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
-        metrics = evaluate_bundle(paths.model, data_root, _category(section, product), tmp)
+        metrics = evaluate_bundle(
+            paths.model, data_root, _category(section, product), tmp, manifest=_manifest(data_root, paths)
+        )
         for out in (paths.plots, paths.overlays):
             shutil.rmtree(out, ignore_errors=True)
         paths.plots.mkdir(parents=True)
         for png in Path(tmp).glob("*.png"):
             shutil.move(png, paths.plots / png.name)
         shutil.move(Path(tmp) / "overlays", paths.overlays)
+        shutil.move(Path(tmp) / SCORES_FILE, paths.scores)
     metrics["bundle"] = str(paths.model)
     _write_json(paths.metrics, metrics)
     return metrics
 
 
 def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], paths: ProductPaths) -> dict[str, Any]:
-    """Thresholds at the product's ``calibration`` settings on the held-out normals → the final bundle.
+    """The one calibration: thresholds on the manifest's held-out normals → the bundle that is registered and served.
 
-    The bundle also gets its drift reference (``drift_reference.npz``: pooled backbone embeddings of the
-    train + val images, the model's scores on the val images), so the reference travels with the model into
-    the registry and ``tfanet drift check`` compares production windows with what *this* champion saw.
-    It is written after ``bundle.save``, which replaces the directory.
+    Also writes what depends on the threshold, so that it describes this very bundle: the test
+    split's counts at the image threshold (from evaluate's ``scores.json``) and the score plot
+    (``calibration.json``, ``calibration.png``), and the bundle's drift reference (pooled backbone
+    embeddings of the train + val images, the model's scores on the val images).
     """
     from tfanet_core.bundle import load_bundle
-    from tfanet_core.cache import FeatureCache
     from tfanet_core.drift import build_reference
-    from tfanet_core.features import FeatureExtractor, extract_features
+    from tfanet_core.evaluate import at_threshold, plot_scores
+    from tfanet_core.features import FeatureExtractor
     from tfanet_core.predictor import Predictor
-    from tfanet_core.training import calibrate_on_normals
+    from tfanet_core.workflow import calibrate_bundle, split_features
 
     config = product_config(section)
+    manifest = _manifest(data_root, paths)
     bundle = load_bundle(paths.model)
     bundle.config = dataclasses.replace(bundle.config, calibration=config.calibration)
-    train_images, val = _split(Path(data_root), _category(section, product), bundle.config)
     extractor = FeatureExtractor(bundle.config.features)
-    val_features = extract_features(extractor, val, desc="val features", cache=FeatureCache(paths.features))
-    bundle.thresholds = calibrate_on_normals(
-        Predictor(bundle, extractor=extractor), val_features, config.calibration.target_fpr
-    )
-    if not bundle.thresholds:
-        raise ValueError(f"{product}: no validation images to calibrate on; set train.val_fraction > 0")
-    bundle.save(paths.bundle)
+    features = split_features(manifest, extractor, progress=False, cache_dir=paths.features)
+    predictor = Predictor(bundle, extractor=extractor)
+    thresholds = calibrate_bundle(bundle, predictor, features.val)
     # The cache holds fused maps, not the per-layer pooled embeddings drift compares: one backbone pass each.
-    reference = build_reference(Predictor(bundle, extractor=extractor), train_images, val)
-    reference.save(paths.bundle)
+    bundle.drift_reference = build_reference(predictor, features.train_paths, features.val_paths)
+    bundle.save(paths.bundle)
+
+    scores = json.loads(paths.scores.read_text())
+    test = [Sample(manifest.root / r["path"], "test", r["label"]) for r in scores]
+    values = np.array([r["score"] for r in scores], dtype=np.float64)
+    image = thresholds["image"]
+    plot_scores(test, values, image.value, paths.calibration_plot)
     summary = {
         "target_fpr": config.calibration.target_fpr,
-        "image_threshold": bundle.thresholds["image"]["value"],
-        "pixel_threshold": bundle.thresholds["pixel"]["value"],
-        "n_val": len(val),
-        "drift_reference": {"embeddings": len(reference.embeddings), "expected_fpr": reference.expected_fpr},
+        "image_threshold": image.value,
+        "pixel_threshold": thresholds["pixel"].value,
+        "n_val": len(features.val_paths),
+        "guarantee": {
+            "calibration_fpr": image.calibration_fpr,
+            "fpr_upper_bound": image.fpr_upper_bound,
+            "confidence": image.confidence,
+            "normals_needed": image.normals_needed,
+        },
+        "at_threshold": at_threshold(np.array([s.is_anomalous for s in test]), values, image.value),
+        "drift_reference": {
+            "embeddings": len(bundle.drift_reference.embeddings),
+            "expected_fpr": bundle.drift_reference.expected_fpr,
+        },
     }
     _write_json(paths.calibration, summary)
     return summary
@@ -358,16 +381,16 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
 # --- register --------------------------------------------------------------------------------------------
 
 
-def _probe_images(data_root: Path, category: str) -> list[Path]:
+def _probe_images(manifest: Manifest) -> list[Path]:
     """One normal and one defective test image: what the registered model must score like the bundle."""
-    test = [s for s in discover(data_root, category) if s.split == "test"]
+    test = manifest.samples("test")
     good = [s.path for s in test if not s.is_anomalous][:1]
     bad = [s.path for s in test if s.is_anomalous][:1]
     return good + bad
 
 
 def _champion_on_dataset(
-    data_root: Path | str, product: str, section: Mapping[str, Any], version: str, tracking_uri: str | None
+    data_root: Path | str, product: str, section: Mapping[str, Any], manifest: Manifest, tracking_uri: str | None
 ) -> dict[str, Any] | None:
     """The champion's metrics on *this* dataset version, when it was tested on another one; else None.
 
@@ -391,6 +414,7 @@ def _champion_on_dataset(
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     champion = version_by_alias(MlflowClient(), registered_model_name(product), CHAMPION)
+    version = manifest.version
     if champion is None or champion.tags.get(TAG_DATASET) == version:
         return None  # no champion yet (the gate promotes the first version), or tested on this very dataset
     log.info(
@@ -402,7 +426,9 @@ def _champion_on_dataset(
     with tempfile.TemporaryDirectory() as tmp:
         bundle = download_bundle(model_uri(product), Path(tmp) / "champion")
         out = Path(tmp) / "evaluation"
-        return evaluate_bundle(bundle, data_root, _category(section, product), out, overlays_per_type=0)
+        return evaluate_bundle(
+            bundle, data_root, _category(section, product), out, manifest=manifest, overlays_per_type=0
+        )
 
 
 def register(
@@ -422,22 +448,28 @@ def register(
     from components.tracking import log_training_run
 
     if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise ValueError(
+        raise TfanetError(
             "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "
             'eval "$(python -m infra.local.stack env)"'
         )
     dataset = _dataset(paths)
-    probes = _probe_images(Path(data_root), _category(section, product))
-    champion_metrics = _champion_on_dataset(data_root, product, section, dataset["version"], tracking_uri)
+    manifest = _manifest(data_root, paths)
+    probes = _probe_images(manifest)
+    champion_metrics = _champion_on_dataset(data_root, product, section, manifest, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         evaluation = Path(tmp) / "evaluation"
         shutil.copytree(paths.plots, evaluation / "plots")
         shutil.copytree(paths.overlays, evaluation / "overlays")
         shutil.copy(paths.calibration, evaluation / "calibration.json")
+        shutil.copy(paths.calibration_plot, evaluation / "plots" / "scores.png")
+        calibration = json.loads(paths.calibration.read_text())
+        metrics = json.loads(paths.metrics.read_text())
+        # The threshold-dependent figures come from calibrate, so they describe the registered bundle's threshold.
+        metrics |= {key: calibration[key] for key in ("at_threshold", "guarantee")}
         run = log_training_run(
             product,
             paths.bundle,
-            metrics=paths.metrics,
+            metrics=metrics,
             dataset_version=dataset["version"],
             params=dict(section),
             artifacts_dir=evaluation,

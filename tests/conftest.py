@@ -63,7 +63,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def fabric_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny TFA-Net briefly trained on the synthetic fabric product (shared by the slower tests)."""
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     out = tmp_path_factory.mktemp("bundles") / "fabric"
     config = load_config("tiny", ["train.epochs=12", "calibration.target_fpr=0.25"])

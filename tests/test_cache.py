@@ -300,7 +300,7 @@ def test_cli_cache_report_and_prune(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_train_category_reads_through_the_cache(synth_root: Path, tmp_path: Path) -> None:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     config = load_config("tiny", ["train.epochs=1"])
     cache_dir = tmp_path / "cache"

@@ -40,7 +40,7 @@ OCTET = "application/octet-stream"
 
 
 def _train(synth_root: Path, category: str, out: Path, seed: int) -> Path:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     config = load_config("tiny", ["train.epochs=2", f"train.seed={seed}", "calibration.target_fpr=0.25"])
     train_category(synth_root, category, config, out, device="cpu", progress=False)

@@ -167,7 +167,7 @@ PASTE = (64, 32, 32)  # top, left, side in pixels of the 128-px image: exactly 2
 
 @pytest.fixture(scope="module")
 def fader_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     out = tmp_path_factory.mktemp("fader") / "fabric"
     # Layers pinned: the mask bounds below were measured on this configuration, not on whatever tiny becomes.

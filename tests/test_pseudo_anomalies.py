@@ -9,7 +9,7 @@ import torch
 
 from tfanet_core.config import load_config
 from tfanet_core.pseudo_anomalies import KINDS, MAX_AREA, synthesize
-from tfanet_core.training import train_category
+from tfanet_core.workflow import train_category
 
 
 def _images(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:

@@ -282,7 +282,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def bracket_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     out = tmp_path_factory.mktemp("bundles") / "bracket"
     config = load_config("tiny", ["train.epochs=2", "calibration.target_fpr=0.25"])

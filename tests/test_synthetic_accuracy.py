@@ -9,7 +9,7 @@ import pytest
 
 from tfanet_core.config import load_config
 from tfanet_core.evaluate import evaluate
-from tfanet_core.training import train_category
+from tfanet_core.workflow import train_category
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from tfanet_core.config import load_config, profile_names
-
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+from tfanet_core.errors import ConfigError, TfanetError
+from tfanet_core.threshold import Threshold
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "cpu") -> None:
@@ -56,7 +56,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     config = load_config(args.profile, args.overrides)
     bundle = train_category(
@@ -67,23 +67,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         device=args.device,
         progress=not args.quiet,
-        dataset_version=args.dataset_version,
         cache_dir=args.cache_dir,
         template_file=args.template,
     )
-    threshold = bundle.thresholds.get("image", {}).get("value")
+    image = bundle.thresholds["image"]
+    if not args.quiet:
+        print(guarantee_line(image), file=sys.stderr)
     print(
         json.dumps(
             {
                 "bundle": str(args.out),
                 "profile": config.profile,
+                "dataset_version": bundle.dataset["version"],
                 "best_epoch": bundle.training["best_epoch"],
                 "seconds": bundle.training["seconds"],
-                "image_threshold": threshold,
+                "image_threshold": image.value,
+                "fpr_upper_bound": image.fpr_upper_bound,
+                "normals_needed": image.normals_needed,
             }
         )
     )
     return 0
+
+
+def guarantee_line(threshold: Threshold) -> str:
+    """What a calibrated threshold promises, in one sentence an operator can act on."""
+    confidence = f"{(threshold.confidence or 0) * 100:.0f} %"
+    line = (
+        f"threshold {threshold.value:.6g}: {threshold.calibration_fpr or 0:.1%} of {threshold.n_normal} held-out "
+        f"normal images flagged; false-alarm rate on new normal parts <= {threshold.fpr_upper_bound:.1%} ({confidence} "
+        f"confidence, exact binomial)"
+    )
+    if threshold.target_fpr and threshold.normals_needed and threshold.n_normal < threshold.normals_needed:
+        line += (
+            f"; bounding it by the target {threshold.target_fpr:.1%} takes >= {threshold.normals_needed} held-out "
+            "normals"
+        )
+    return line
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:
@@ -142,14 +162,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_template(args: argparse.Namespace) -> int:
-    from tfanet_core.templates import template_for_category, write_choice
+    from tfanet_core.templates import write_choice
+    from tfanet_core.workflow import manifest_for, template_record
 
     overrides = args.overrides + ([f"template.strategy={args.strategy}"] if args.strategy else [])
     config = load_config(args.profile, overrides)
     trials = {name: value for name, value in (("k", args.k), ("trial_epochs", args.trial_epochs)) if value is not None}
-    record = template_for_category(
-        args.data,
-        args.category,
+    record = template_record(
+        manifest_for(args.data, args.category, config, progress=not args.quiet),
         config,
         **trials,
         cache_dir=args.cache_dir,
@@ -166,7 +186,7 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     root = resolve_cache_dir(args.cache_dir)
     if root is None:
-        raise ValueError("the feature cache is off (--cache-dir off or TFANET_CACHE_DIR=off); pass --cache-dir DIR")
+        raise ConfigError("the feature cache is off (--cache-dir off or TFANET_CACHE_DIR=off); pass --cache-dir DIR")
     return FeatureCache(root)
 
 
@@ -187,7 +207,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     from tfanet_core.cache import parse_size
 
     if args.max_size is None and args.older_than_days is None and not args.all:
-        raise ValueError("say what to prune: --max-size SIZE, --older-than-days N or --all")
+        raise ConfigError("say what to prune: --max-size SIZE, --older-than-days N or --all")
     max_bytes = parse_size(args.max_size) if args.max_size is not None else None
     result = _cache(args).prune(max_bytes, args.older_than_days, args.all, args.dry_run)
     if args.json:
@@ -226,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from / write checkpoints here")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dataset-version", default=None, help="recorded in the bundle (e.g. the DVC hash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--cache-dir",
@@ -312,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as exc:
+    except TfanetError as exc:  # the user's to fix: one line. Anything else is a bug and shows its traceback.
         print(f"tfanet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

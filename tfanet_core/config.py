@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tfanet_core.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -99,7 +101,7 @@ class Config:
         sections = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "profile"}
         unknown = set(data) - set(sections) - {"profile"}
         if unknown:
-            raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
         kwargs: dict[str, Any] = {"profile": data.get("profile", "custom")}
         for name in sections:
             kwargs[name] = section_from_mapping(type(getattr(cls(), name)), data.get(name), f"config section '{name}'")
@@ -112,7 +114,7 @@ def section_from_mapping(section_cls: type[T], values: Mapping[str, Any] | None,
     known = {f.name for f in dataclasses.fields(section_cls)}  # type: ignore[arg-type]
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
     return section_cls(**values)
 
 
@@ -142,7 +144,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _resolve(name: str, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name not in raw:
-        raise ValueError(f"unknown profile '{name}'; choose one of {sorted(raw)}")
+        raise ConfigError(f"unknown profile '{name}'; choose one of {sorted(raw)}")
     entry = dict(raw[name])
     parent = entry.pop("inherit", None)
     return _deep_merge(_resolve(parent, raw), entry) if parent else entry
@@ -164,11 +166,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2:
-            raise ValueError(f"override key '{key}' must be section.key, e.g. model.embed_dim")
+            raise ConfigError(f"override key '{key}' must be section.key, e.g. model.embed_dim")
         section, name = parts
         out.setdefault(section, {})[name] = _parse_value(text)
     return out
@@ -214,4 +216,4 @@ def validate(config: Config) -> None:
     if t.patience < 0:
         problems.append(f"train.patience={t.patience} must be >= 0")
     if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))

@@ -217,7 +217,8 @@ def build_reference(
     threshold = predictor.threshold
     expected = None
     if threshold is not None:
-        calibrated = (predictor.bundle.thresholds.get("image") or {}).get("calibration_fpr") or 0.0
+        image = predictor.bundle.thresholds.get("image")
+        calibrated = (image.calibration_fpr if image is not None else None) or 0.0
         expected = max(float(calibrated), float(np.mean(heldout_scores > threshold)) if len(heldout_scores) else 0.0)
     return Reference(
         embeddings=np.concatenate([train_emb, heldout_emb]),

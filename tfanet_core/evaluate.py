@@ -23,11 +23,16 @@ from sklearn.metrics import auc, roc_curve
 from tqdm.auto import tqdm
 
 from tfanet_core.data.images import DataError, image_to_tensor, load_mask, load_rgb, open_mask_image
-from tfanet_core.data.layouts import GOOD, Sample, discover, load_defects_config
+from tfanet_core.data.layouts import GOOD, Sample, load_defects_config
+from tfanet_core.data.manifest import Manifest
 from tfanet_core.metrics import Defect, au_spro, defects_from_loco_channels, evaluate_scores, pro_curve
 from tfanet_core.predictor import Predictor
+from tfanet_core.workflow import manifest_for
 
 log = logging.getLogger(__name__)
+
+#: Per-image test scores written by :func:`evaluate`; the chain's calibrate step reads them back.
+SCORES_FILE = "scores.json"
 
 # Original MVTec LOCO image sizes (W, H): absolute saturation thresholds in defects_config.json are
 # pixel counts at this resolution, so they shrink with the evaluation resolution.
@@ -121,16 +126,34 @@ def compute_metrics(
     if defects is not None:
         metrics["au_spro"] = {str(k): v for k, v in au_spro(test.maps, defects).items()}
     if threshold is not None:
-        flagged = test.scores > threshold
-        labels = test.labels.astype(bool)
-        metrics["at_threshold"] = {
-            "threshold": threshold,
-            "true_positives": int((flagged & labels).sum()),
-            "false_positives": int((flagged & ~labels).sum()),
-            "false_negatives": int((~flagged & labels).sum()),
-            "true_negatives": int((~flagged & ~labels).sum()),
-        }
+        metrics["at_threshold"] = at_threshold(test.labels, test.scores, threshold)
     return metrics
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int]:
+    """Confusion counts of the test split at an image threshold (a score above it is flagged)."""
+    flagged = np.asarray(scores) > threshold
+    labels = np.asarray(labels).astype(bool)
+    return {
+        "threshold": float(threshold),
+        "true_positives": int((flagged & labels).sum()),
+        "false_positives": int((flagged & ~labels).sum()),
+        "false_negatives": int((~flagged & labels).sum()),
+        "true_negatives": int((~flagged & ~labels).sum()),
+    }
+
+
+def write_scores(test: ScoredSplit, root: Path | None, path: Path) -> None:
+    """Per-image test scores (path relative to the dataset root, label, score): what calibration reads back."""
+    rows = [
+        {
+            "path": s.path.relative_to(root).as_posix() if root and s.path.is_relative_to(root) else str(s.path),
+            "label": s.label,
+            "score": float(score),
+        }
+        for s, score in zip(test.samples, test.scores.tolist(), strict=True)
+    ]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 # --- pictures a person would rather look at than read -------------------------------------------------
@@ -176,11 +199,12 @@ def plot_pro(test: ScoredSplit, path: Path, limit: float = 0.3) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_scores(test: ScoredSplit, threshold: float | None, path: Path) -> None:
+def plot_scores(samples: list[Sample], scores: np.ndarray, threshold: float | None, path: Path) -> None:
+    """Test image scores per folder with the threshold line: where the verdicts fall at a glance."""
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    labels = sorted({s.label for s in test.samples}, key=lambda x: (x != GOOD, x))
-    data = [test.scores[[i for i, s in enumerate(test.samples) if s.label == lab]] for lab in labels]
+    labels = sorted({s.label for s in samples}, key=lambda x: (x != GOOD, x))
+    data = [scores[[i for i, s in enumerate(samples) if s.label == lab]] for lab in labels]
     ax.boxplot(data, orientation="horizontal", tick_labels=labels, showfliers=False)
     for row, values in enumerate(data, start=1):
         jitter = np.random.default_rng(row).uniform(-0.15, 0.15, size=len(values))
@@ -245,15 +269,22 @@ def evaluate(
     category: str,
     out: Path | str,
     *,
+    manifest: Manifest | None = None,
     device: str | None = None,
     overlays_per_type: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the test split of ``category`` and write metrics.json, curve plots and overlays to ``out``."""
+    """Score the manifest's test rows and write metrics.json, scores.json, curve plots and overlays to ``out``.
+
+    Without ``manifest`` it is built in memory from the folder with the bundle's split settings. The
+    at-threshold counts and the threshold line appear only for a calibrated bundle.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_bundle(bundle, device=device)
-    samples = [s for s in discover(root, category) if s.split == "test"]
+    if manifest is None:
+        manifest = manifest_for(root, category, predictor.config, progress=progress)
+    samples = manifest.samples("test")
     if not samples:
         raise DataError(f"{Path(root) / category}: no test images (expected test/<type>/ folders)")
     test = score_test_split(predictor, samples, progress)
@@ -274,8 +305,10 @@ def evaluate(
         }
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_scores(test, manifest.root, out / SCORES_FILE)
     plot_roc(test, out / "roc.png")
-    plot_scores(test, threshold, out / "scores.png")
+    if threshold is not None:
+        plot_scores(test.samples, test.scores, threshold, out / "scores.png")
     if test.masks is not None and test.masks.any():
         plot_pro(test, out / "pro.png")
     plot_overlays(test, predictor, threshold, out / "overlays", overlays_per_type)

@@ -31,10 +31,17 @@ from tfanet_core.scoring import anomaly_map, image_score
 
 @dataclass
 class Prediction:
+    """One image's verdict: its score, and the threshold it was judged by (None on an uncalibrated bundle).
+
+    With ``return_maps``: the anomaly map at the model's input size and, where the bundle has a pixel
+    threshold, ``pred_mask`` (map > pixel threshold), the defect region to show an operator.
+    """
+
     score: float
     threshold: float | None
     is_anomalous: bool | None
     anomaly_map: np.ndarray | None = None  # [H, W] float32 at the model's input size
+    pred_mask: np.ndarray | None = None  # [H, W] bool
 
 
 def default_device() -> torch.device:
@@ -69,8 +76,13 @@ class Predictor:
             if self.device.type != "cpu":
                 raise ValueError("int8 dynamic quantization runs on the CPU only; on a GPU the bf16 path is faster")
             self.model = quantize_linear_int8(self.model)
-        image_threshold = bundle.thresholds.get("image") or {}
-        self.threshold: float | None = image_threshold.get("value")
+        self.image_threshold = bundle.thresholds.get("image")
+        self.pixel_threshold = bundle.thresholds.get("pixel")
+
+    @property
+    def threshold(self) -> float | None:
+        """The image threshold's value: a score above it is anomalous (None: the bundle is not calibrated)."""
+        return None if self.image_threshold is None else self.image_threshold.value
 
     @classmethod
     def from_bundle(
@@ -122,8 +134,13 @@ class Predictor:
     def _to_predictions(self, scores: torch.Tensor, maps: torch.Tensor, return_maps: bool) -> list[Prediction]:
         out = []
         for score, amap in zip(scores.tolist(), maps, strict=True):
-            flagged = None if self.threshold is None else bool(score > self.threshold)
-            out.append(Prediction(score, self.threshold, flagged, amap.numpy() if return_maps else None))
+            flagged = None if self.image_threshold is None else bool(self.image_threshold.is_anomalous(score))
+            prediction = Prediction(score, self.threshold, flagged)
+            if return_maps:
+                prediction.anomaly_map = amap.numpy()
+                if self.pixel_threshold is not None:
+                    prediction.pred_mask = np.asarray(self.pixel_threshold.is_anomalous(prediction.anomaly_map))
+            out.append(prediction)
         return out
 
     def predict(self, images: Sequence[Image.Image], return_maps: bool = False) -> list[Prediction]:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tfanet_core.cache import FeatureCache, resolve_cache_dir
-from tfanet_core.data.layouts import discover, split_validation
-from tfanet_core.features import FeatureExtractor, extract_features, sha256_file
+from tfanet_core.config import Config
+from tfanet_core.errors import TfanetError
+from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model
 
 if TYPE_CHECKING:
-    from tfanet_core.config import Config
+    from tfanet_core.data.manifest import Manifest
 
 STRATEGIES = ("first", "medoid", "best_of_k")
 DEFAULT_K = 4
@@ -127,8 +127,6 @@ def short_run_trial(
     progress: bool = False,
 ) -> Callable[[int], float]:
     """Validation loss after ``epochs`` of training with template ``index``; same seed and data for all."""
-    from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model  # training imports us
-
     train_config = replace(config.train, epochs=epochs, selection="last", checkpoint_every=epochs)
     stats = feature_statistics(features) if config.features.standardize else None
 
@@ -143,11 +141,10 @@ def short_run_trial(
 # --- the template step's output file (DVC / kfp step between features and train) -------------------
 
 
-def choice_record(choice: TemplateChoice, paths: Sequence[Path], root: Path, sha256: str) -> dict[str, Any]:
-    """What ``tfanet template`` writes and the bundle's ``template`` section holds."""
-    path = Path(paths[choice.index])
-    image = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-    return {"image": image, "sha256": sha256, **asdict(choice)}
+def choice_record(choice: TemplateChoice, paths: Sequence[Path], manifest: Manifest) -> dict[str, Any]:
+    """What ``tfanet template`` writes and the bundle's ``template`` section holds: the image by content."""
+    row = manifest.row_for(paths[choice.index])
+    return {"image": row.path, "sha256": row.sha256, **asdict(choice)}
 
 
 def write_choice(record: dict[str, Any], out: Path) -> Path:
@@ -166,45 +163,8 @@ def read_choice(path: Path | str, paths: Sequence[Path], sha256s: Sequence[str])
     try:
         index = list(sha256s).index(record["sha256"])
     except ValueError:
-        raise ValueError(
+        raise TfanetError(
             f"{path}: template image {record.get('image')} (sha256 {record['sha256'][:12]}…) is not among the "
             f"{len(paths)} training images of this run; rerun `tfanet template` on this dataset version"
         ) from None
     return TemplateChoice(index, record["strategy"], dict(record.get("evidence", {})))
-
-
-def template_for_category(
-    root: Path | str,
-    category: str,
-    config: Config,
-    *,
-    k: int = DEFAULT_K,
-    trial_epochs: int = DEFAULT_TRIAL_EPOCHS,
-    cache_dir: Path | str | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """``tfanet template``: the same split and (cached) features as ``tfanet train``, then the choice record."""
-    root = Path(root)
-    samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
-    train = [s.path for s in samples if s.split == "train"]
-    val = [s.path for s in samples if s.split == "val"]
-    cache_root = resolve_cache_dir(cache_dir)
-    cache = FeatureCache(cache_root) if cache_root is not None else None
-    extractor = FeatureExtractor(config.features)
-    features = extract_features(extractor, train, device=device, progress=progress, desc="train features", cache=cache)
-    val_features = extract_features(extractor, val, device=device, progress=progress, desc="val features", cache=cache)
-    choice = select_template(
-        features,
-        config.template.strategy,
-        val_features=val_features,
-        config=config,
-        k=k,
-        trial_epochs=trial_epochs,
-        device=device,
-        progress=progress,
-    )
-    record = choice_record(choice, train, root, sha256_file(train[choice.index]))
-    record["n_train"] = len(train)
-    record["backbone"] = extractor.describe()
-    return record

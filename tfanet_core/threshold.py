@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 
+from tfanet_core.errors import TfanetError
 from tfanet_core.metrics import _f1_from_groups, _flat_masks, _flat_scores, _TieGroups
 
 __all__ = [
@@ -31,8 +33,11 @@ __all__ = [
     "CalibrationWarning",
     "Threshold",
     "calibrate",
+    "calibrate_normals",
     "calibrate_pixels",
+    "fpr_upper_bound",
     "normal_quantile_threshold",
+    "normals_needed",
 ]
 
 Method = Literal["auto", "f1", "normal_quantile"]
@@ -42,7 +47,7 @@ class CalibrationWarning(UserWarning):
     """The threshold was computed, but the data are too few for the requested FPR to be trusted."""
 
 
-class CalibrationError(ValueError):
+class CalibrationError(TfanetError):
     """No meaningful threshold can be computed from the given data."""
 
 
@@ -53,6 +58,12 @@ class Threshold:
     ``n_normal``/``n_defect`` count images for ``level="image"`` and pixels for ``level="pixel"``.
     ``calibration_fpr`` is the fraction of normal calibration samples above ``value`` (the FPR the
     threshold achieves on its own data); ``f1`` is the F1 it reaches there when defects were labelled.
+
+    What the threshold guarantees (image level only: pixels of one image are not independent draws):
+    ``fpr_upper_bound`` is the one-sided ``confidence`` upper bound (exact binomial, Clopper-Pearson)
+    on the false-alarm rate on new normal parts, given ``calibration_fpr`` on ``n_normal`` images;
+    ``normals_needed`` is how many held-out normals it takes, none of them above the threshold, for
+    that bound to reach ``target_fpr``.
     """
 
     value: float
@@ -64,6 +75,9 @@ class Threshold:
     calibration_fpr: float | None = None
     f1: float | None = None
     warning: str | None = None
+    confidence: float | None = None
+    fpr_upper_bound: float | None = None
+    normals_needed: int | None = None
 
     def is_anomalous(self, scores: Any) -> np.ndarray | bool:
         """``score > value``, element-wise for arrays."""
@@ -78,8 +92,46 @@ class Threshold:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown Threshold fields {sorted(unknown)}; written by a newer tfanet?")
+            raise TfanetError(f"unknown Threshold fields {sorted(unknown)}; written by a newer tfanet?")
         return cls(**data)
+
+
+CONFIDENCE = 0.95
+
+
+def fpr_upper_bound(false_alarms: int, n_normal: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided exact (Clopper-Pearson) upper confidence bound on a rate seen as ``false_alarms`` / ``n_normal``.
+
+    The largest p with P(Binomial(n, p) <= k) >= 1 - confidence, i.e. the ``confidence`` quantile of
+    Beta(k + 1, n - k); 1.0 when every normal was a false alarm.
+    """
+    if n_normal < 1 or not 0 <= false_alarms <= n_normal:
+        raise ValueError(f"need 0 <= false_alarms <= n_normal and n_normal >= 1, got {false_alarms}/{n_normal}")
+    if false_alarms == n_normal:
+        return 1.0
+    return float(stats.beta.ppf(confidence, false_alarms + 1, n_normal - false_alarms))
+
+
+def normals_needed(target_fpr: float, confidence: float = CONFIDENCE) -> int:
+    """Smallest n such that n held-out normals, none above the threshold, bound the FPR by ``target_fpr``.
+
+    With no false alarm in n images the exact bound is 1 - (1 - confidence)^(1/n); solving for n gives
+    ceil(ln(1 - confidence) / ln(1 - target_fpr)): 299 normals for 1 % at 95 % (the "rule of three").
+    """
+    return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - target_fpr) - 1e-9)
+
+
+def _with_guarantee(threshold: Threshold, target_fpr: float | None) -> Threshold:
+    """The image threshold with its FPR bound and, when a target was asked for, the normals it needs."""
+    if threshold.level != "image" or not threshold.n_normal or threshold.calibration_fpr is None:
+        return threshold
+    false_alarms = round(threshold.calibration_fpr * threshold.n_normal)
+    return replace(
+        threshold,
+        confidence=CONFIDENCE,
+        fpr_upper_bound=fpr_upper_bound(false_alarms, threshold.n_normal),
+        normals_needed=normals_needed(target_fpr) if target_fpr else None,
+    )
 
 
 def _midpoint_below(values_desc: np.ndarray, index: int) -> float:
@@ -142,7 +194,7 @@ def normal_quantile_threshold(
         kept_max = float(part[k - 1])
         above = scores[scores > kept_max]
         value = 0.5 * (kept_max + float(above.min())) if above.size else kept_max
-    return Threshold(
+    threshold = Threshold(
         value=value,
         method="normal_quantile",
         level="pixel" if unit == "pixels" else "image",
@@ -152,6 +204,7 @@ def normal_quantile_threshold(
         calibration_fpr=float(np.count_nonzero(scores > value)) / n,
         warning=warning,
     )
+    return _with_guarantee(threshold, target_fpr)
 
 
 def _f1_threshold(groups: _TieGroups, positive: np.ndarray, level: str, target_fpr: float | None) -> Threshold:
@@ -211,7 +264,7 @@ def calibrate(
             )
         if not np.isfinite(scores_arr).all():
             raise CalibrationError("validation scores contain NaN or inf")
-        return _f1_threshold(_TieGroups.of(scores_arr), labels_arr, "image", None)
+        return _with_guarantee(_f1_threshold(_TieGroups.of(scores_arr), labels_arr, "image", None), target_fpr)
     if method != "normal_quantile":
         raise ValueError(f"unknown calibration method {method!r}; use 'auto', 'f1' or 'normal_quantile'")
     if n_normal == 0:
@@ -254,3 +307,11 @@ def calibrate_pixels(
     normal = scores if not has_defects else scores[~defect]
     threshold = normal_quantile_threshold(normal, target_fpr, strict=strict, unit="pixels")
     return Threshold(**{**threshold.to_dict(), "n_defect": int(defect.sum())})
+
+
+def calibrate_normals(scores: Any, maps: Any, target_fpr: float) -> dict[str, Threshold]:
+    """The image and pixel thresholds of a bundle, from the scores and maps of its held-out normal images."""
+    return {
+        "image": calibrate(scores, target_fpr=target_fpr),
+        "pixel": calibrate_pixels(maps, target_fpr=target_fpr),
+    }

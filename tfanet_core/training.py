@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tfanet_core.bundle import Bundle
-from tfanet_core.cache import FeatureCache, resolve_cache_dir
 from tfanet_core.config import Config, TrainConfig
-from tfanet_core.data.images import DataError
-from tfanet_core.data.layouts import discover, split_validation
-from tfanet_core.fader import fit_fader
-from tfanet_core.features import FeatureExtractor, extract_features, sha256_file
 from tfanet_core.model import TemplateAggregator, patchify
-from tfanet_core.predictor import Predictor, default_device
-from tfanet_core.pseudo_anomalies import separation_selector
 from tfanet_core.scoring import reconstruction_loss
-from tfanet_core.templates import read_choice, select_template
-from tfanet_core.threshold import calibrate, calibrate_pixels
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -235,109 +224,3 @@ def fit(
         best_epoch = history[-1]["epoch"] if history else 0
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=int(best_epoch), seconds=time.perf_counter() - started)
-
-
-def train_category(
-    root: Path | str,
-    category: str,
-    config: Config,
-    out: Path | str,
-    *,
-    checkpoint_dir: Path | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    dataset_version: str | None = None,
-    cache_dir: Path | str | None = None,
-    template_file: Path | str | None = None,
-) -> Bundle:
-    """Everything ``tfanet train`` does: data → features → template → fit → calibrate → bundle.
-
-    Features go through the feature cache at ``cache_dir`` (default ``$TFANET_CACHE_DIR`` or
-    ``~/.cache/tfanet/features``; ``"off"`` disables it). ``template_file`` (from ``tfanet template``)
-    fixes the template instead of selecting it here.
-    """
-    device = torch.device(device) if device is not None else default_device()
-    samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
-    train = [s for s in samples if s.split == "train"]
-    val = [s for s in samples if s.split == "val"]
-    if not train:
-        raise DataError(f"{Path(root) / category}: no training images left after the validation split")
-
-    extractor = FeatureExtractor(config.features)
-    cache_root = resolve_cache_dir(cache_dir)
-    cache = FeatureCache(cache_root) if cache_root is not None else None
-    train_features = extract_features(
-        extractor, [s.path for s in train], device=device, progress=progress, desc="train features", cache=cache
-    )
-    val_features = extract_features(
-        extractor, [s.path for s in val], device=device, progress=progress, desc="val features", cache=cache
-    )
-
-    if template_file is not None:
-        choice = read_choice(template_file, [s.path for s in train], [sha256_file(s.path) for s in train])
-    else:
-        choice = select_template(
-            train_features,
-            config.template.strategy,
-            val_features=val_features,
-            config=config,
-            device=device,
-            progress=progress,
-        )
-    model = prepared_model(config, train_features, choice.index)
-    selector = None
-    if config.train.selection == "synthetic":
-        selector = separation_selector(
-            extractor, [s.path for s in val], [s.path for s in train], val_features, config, device
-        )
-    result = fit(model, train_features, config.train, val_features, checkpoint_dir, device, progress, selector=selector)
-    fader_history = (
-        fit_fader(result.model, train_features, config, val_features, device, progress) if config.model.fader else None
-    )
-
-    template_path = train[choice.index].path
-    bundle = Bundle(
-        config=config,
-        model=result.model,
-        backbone=extractor.describe(),
-        template={
-            "image": str(Path(template_path).relative_to(root))
-            if Path(template_path).is_relative_to(root)
-            else str(template_path),
-            "sha256": sha256_file(template_path),
-            "strategy": choice.strategy,
-            "evidence": choice.evidence,
-        },
-        dataset={
-            "root": str(root),
-            "category": category,
-            "version": dataset_version,
-            "n_train": len(train),
-            "n_val": len(val),
-        },
-        training={
-            "history": result.history,
-            "best_epoch": result.best_epoch,
-            "seconds": round(result.seconds, 2),
-            **({"fader_history": fader_history} if fader_history is not None else {}),
-        },
-    )
-    predictor = Predictor(bundle, device=device, extractor=extractor)
-    bundle.thresholds = calibrate_on_normals(predictor, val_features, config.calibration.target_fpr)
-    bundle.save(out)
-    return bundle
-
-
-def calibrate_on_normals(predictor: Predictor, val_features: torch.Tensor, target_fpr: float) -> dict[str, dict]:
-    """Image and pixel thresholds from held-out normal images at the target false-positive rate."""
-    if len(val_features) == 0:
-        warnings.warn(
-            "no validation images: the bundle has no calibrated threshold (set train.val_fraction > 0)",
-            stacklevel=2,
-        )
-        return {}
-    scores, maps = predictor.score_features(val_features)
-    return {
-        "image": calibrate(scores.numpy(), target_fpr=target_fpr).to_dict(),
-        "pixel": calibrate_pixels(maps.numpy(), target_fpr=target_fpr).to_dict(),
-    }

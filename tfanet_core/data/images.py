@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from tfanet_core.errors import TfanetError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -43,7 +45,7 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class DataError(ValueError):
+class DataError(TfanetError):
     """A problem with the user's data (not with tfanet): the message names the file and the fix."""
 
 

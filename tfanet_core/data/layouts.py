@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -219,16 +219,31 @@ def discover(root: Path | str, category: str, *, plain_test_fraction: float = 0.
     return samples
 
 
-def split_validation(samples: Sequence[Sample], fraction: float, seed: int) -> list[Sample]:
-    """Move a deterministic ``fraction`` of the normal train images to split ``"val"``.
+def split_validation(
+    samples: Sequence[Sample], fraction: float, seed: int, sha256: Mapping[Path, str] | None = None
+) -> list[Sample]:
+    """The one rule that decides which normal images are held out (split ``"val"``); nothing else splits.
 
-    These held-out normals select the model and calibrate the threshold, so they must
-    never be trained on. The choice depends only on ``seed`` and file names (not on the
-    order of ``samples`` or the absolute root), and keeps at least one training image.
+    These held-out normals select the model and calibrate the threshold, so they must never be
+    trained on. Validation normals the dataset ships (MVTec LOCO's ``validation/good``) are kept
+    as published and ``fraction`` is ignored; otherwise a deterministic ``fraction`` of the normal
+    train images moves to val, chosen from ``seed`` and file names only (not the order of
+    ``samples`` or the absolute root), keeping at least one training image. With ``sha256``
+    (path → content hash), every training copy of a byte-identical held-out image moves to val
+    too, so no image is both trained on and held out (KolektorSDD duplicates whole items).
     """
-    train = [s.path for s in samples if s.split == "train" and not s.is_anomalous]
-    chosen = _pick(train, fraction, seed)
-    return [replace(s, split="val") if s.path in chosen and s.split == "train" else s for s in samples]
+    if any(s.split == "val" for s in samples):
+        if fraction:
+            log.info("the dataset ships validation/good: using it as the val split, val_fraction ignored")
+        out = list(samples)
+    else:
+        train = [s.path for s in samples if s.split == "train" and not s.is_anomalous]
+        chosen = _pick(train, fraction, seed)
+        out = [replace(s, split="val") if s.path in chosen and s.split == "train" else s for s in samples]
+    if sha256 is not None:
+        held_out = {sha256[s.path] for s in out if s.split == "val"}
+        out = [replace(s, split="val") if s.split == "train" and sha256[s.path] in held_out else s for s in out]
+    return out
 
 
 def load_defects_config(root: Path | str, category: str) -> list[dict[str, Any]] | None:

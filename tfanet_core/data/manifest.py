@@ -17,7 +17,7 @@ import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -76,6 +76,23 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def category(self) -> str:
+        """The one category every row belongs to (a manifest describes one product's dataset)."""
+        categories = {r.category for r in self.rows}
+        if len(categories) != 1:
+            raise DataError(f"a manifest holds one category, this one {sorted(categories) or 'none'}")
+        return categories.pop()
+
+    def row_for(self, path: Path | str) -> ManifestRow:
+        """The row of an image given by its absolute path (under :attr:`root`) or its relative one."""
+        path = Path(path)
+        rel = path.relative_to(self.root).as_posix() if self.root and path.is_absolute() else path.as_posix()
+        for r in self.rows:
+            if r.path == rel:
+                return r
+        raise DataError(f"{path}: not an image of this manifest (root {self.root})")
 
     @property
     def version(self) -> str:
@@ -162,16 +179,6 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _keep_duplicates_together(samples: list[Sample], sha: dict[Path, str]) -> list[Sample]:
-    """If one copy of a byte-identical training image went to val, move all its copies there.
-
-    Otherwise validation loss is measured on images the model trained on (KolektorSDD has
-    whole items duplicated: kos26 = kos01, kos34 = kos27).
-    """
-    val_hashes = {sha[s.path] for s in samples if s.split == "val"}
-    return [replace(s, split="val") if s.split == "train" and sha[s.path] in val_hashes else s for s in samples]
-
-
 def build_manifest(
     root: Path | str, category: str, val_fraction: float = 0.1, seed: int = 0, progress: bool = True
 ) -> Manifest:
@@ -188,10 +195,6 @@ def build_manifest(
     root = Path(root)
     samples = discover(root, category, seed=seed)
     layout = detect_layout(root, category)
-    if not any(s.split == "val" for s in samples):
-        samples = split_validation(samples, val_fraction, seed)
-    elif val_fraction:
-        log.info("%s/%s ships validation/good: using it as the val split, val_fraction ignored", root, category)
 
     problems: list[tuple[Path, str]] = []
     sha: dict[Path, str] = {}
@@ -248,7 +251,7 @@ def build_manifest(
             ", ".join(m.name for m in empty_masks),
         )
 
-    samples = _keep_duplicates_together(samples, sha)
+    samples = split_validation(samples, val_fraction, seed, sha)
     rows = []
     for s in samples:
         w, h, mode, mask_hashes = info[s.path]
