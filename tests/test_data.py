@@ -42,13 +42,13 @@ def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
-def _rgb(path: Path, value: int = 128, size: tuple[int, int] = (16, 12)) -> Path:
+def _rgb(path: Path, value: int = 128, size: tuple[int, int] = (48, 36)) -> Path:
     """An RGB PNG of (H, W) = size whose pixels depend on ``value`` (so hashes differ)."""
     rng = np.random.default_rng(value)
     return _png(path, rng.integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def _mask(path: Path, size: tuple[int, int] = (16, 12), value: int = 255, box=(2, 2, 6, 6)) -> Path:
+def _mask(path: Path, size: tuple[int, int] = (48, 36), value: int = 255, box=(2, 2, 6, 6)) -> Path:
     m = np.zeros(size, np.uint8)
     y0, x0, y1, x1 = box
     m[y0:y1, x0:x1] = value
@@ -59,7 +59,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _png_rgb16(path: Path, w: int = 4, h: int = 3) -> Path:
+def _png_rgb16(path: Path, w: int = 40, h: int = 36) -> Path:
     """A valid 16-bit-per-channel RGB PNG, written by hand (Pillow reads it as 8-bit RGB without a word)."""
     raw = b"".join(b"\x00" + bytes(6 * w) for _ in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
@@ -103,17 +103,18 @@ def _loco(root: Path, cat: str = "bottle", with_test_good: bool = False) -> Path
 
 # --------------------------------------------------------------------------- images
 def test_grayscale_palette_and_rgba_become_rgb(tmp_path: Path) -> None:
-    gray = _png(tmp_path / "g.png", np.arange(12, dtype=np.uint8).reshape(3, 4) * 20)
-    img = load_rgb(gray)
+    levels = np.zeros((36, 40), np.uint8)
+    levels[2, 3] = 220
+    img = load_rgb(_png(tmp_path / "g.png", levels))
     arr = np.asarray(img)
-    assert img.mode == "RGB" and arr.shape == (3, 4, 3)
+    assert img.mode == "RGB" and arr.shape == (36, 40, 3)
     assert (arr[..., 0] == arr[..., 1]).all() and arr[2, 3, 0] == 220
 
-    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red: alpha is dropped, not composited
     assert np.asarray(load_rgb(_png(tmp_path / "a.png", rgba)))[0, 0].tolist() == [200, 0, 0]
 
-    pal = Image.new("P", (3, 3))
+    pal = Image.new("P", (32, 32))
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     pal.putpixel((1, 1), 1)
     pal.save(tmp_path / "p.png")
@@ -151,7 +152,7 @@ def test_load_mask_unions_every_loco_mask_file(tmp_path: Path) -> None:
     a = _mask(tmp_path / "000.png", value=255, box=(0, 0, 2, 2))
     b = _mask(tmp_path / "001.png", value=253, box=(10, 10, 12, 12))  # a defect code, not 255
     m = load_mask([a, b])
-    assert m.dtype == bool and m.shape == (16, 12)
+    assert m.dtype == bool and m.shape == (48, 36)
     assert m.sum() == 8 and m[0, 0] and m[11, 11]
     assert load_mask([a]).sum() == 4  # reading only the first file would lose the second defect
 
@@ -292,7 +293,7 @@ def test_manifest_roundtrip_and_samples(tmp_path: Path) -> None:
     row = next(r for r in m.rows if r.label == "scratch")
     assert row.path.startswith("widget/test/scratch/") and row.defect_type == "scratch"
     assert row.mask_paths == (f"widget/ground_truth/scratch/{Path(row.path).stem}_mask.png",)
-    assert (row.width, row.height, row.mode) == (12, 16, "RGB") and len(row.sha256) == 64
+    assert (row.width, row.height, row.mode) == (36, 48, "RGB") and len(row.sha256) == 64
     m.write(tmp_path / "out" / "manifest.csv")
     back = Manifest.read(tmp_path / "out" / "manifest.csv", root=tmp_path)
     assert back.rows == m.rows and back.version == m.version
@@ -321,8 +322,8 @@ def test_manifest_reports_every_bad_file_at_once(tmp_path: Path) -> None:
     trunc.write_bytes(_rgb(tmp_path / "big.png", size=(64, 64)).read_bytes()[:300])
     text = c / "train" / "good" / "002.png"
     text.write_text("not an image")
-    deep = _png(c / "test" / "good" / "000.png", np.full((16, 12), 999, np.uint16))
-    wrong = _mask(c / "ground_truth" / "scratch" / "001_mask.png", size=(20, 12))
+    deep = _png(c / "test" / "good" / "000.png", np.full((48, 36), 999, np.uint16))
+    wrong = _mask(c / "ground_truth" / "scratch" / "001_mask.png", size=(20, 36))
     orphan = _mask(c / "ground_truth" / "scratch" / "042_mask.png")
     with pytest.raises(ManifestError) as err:
         build_manifest(tmp_path, "widget", progress=False)
@@ -330,7 +331,7 @@ def test_manifest_reports_every_bad_file_at_once(tmp_path: Path) -> None:
     for path in (trunc, text, deep, wrong, orphan):
         assert str(path) in msg
     assert {p for p, _ in err.value.problems} == {trunc, text, deep, wrong, orphan}
-    assert "8-bit" in msg and "mask without an image" in msg and "12x20" in msg
+    assert "8-bit" in msg and "mask without an image" in msg and "36x20" in msg
 
 
 def test_manifest_keeps_byte_identical_copies_in_one_split(tmp_path: Path) -> None:

@@ -26,8 +26,6 @@ from components.serving.handler import TFANetHandler
 from components.serving.parity import check_parity
 from components.serving.payload import (
     MAX_BODY_BYTES,
-    MAX_PIXELS,
-    MIN_SIDE,
     RequestError,
     decode_map,
     encode_map,
@@ -36,7 +34,7 @@ from components.serving.payload import (
 from components.serving.torchserve import TorchServeClient
 from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE
 from tfanet_core.config import load_config
-from tfanet_core.data.images import to_rgb
+from tfanet_core.data.images import MAX_PIXELS, MIN_SIDE, to_rgb
 from tfanet_core.features import sha256_file
 from tfanet_core.predictor import Predictor
 
@@ -126,7 +124,13 @@ def test_every_bad_input_is_a_client_error_with_a_message(good_png: bytes) -> No
             parse_request(body)
         assert caught.value.status == status, f"{name}: {caught.value.message}"
         assert len(caught.value.message) > 20, name
-        assert caught.value.to_json() == {"code": status, "type": caught.value.reason, "message": caught.value.message}
+        refusal = {"refusal": caught.value.refusal} if caught.value.refusal else {}
+        assert caught.value.to_json() == {
+            "code": status,
+            "type": caught.value.reason,
+            "message": caught.value.message,
+            **refusal,
+        }
 
 
 def test_server_config_binds_loopback_and_matches_the_parser_limit() -> None:

@@ -62,7 +62,7 @@ def test_corrupted_dataset_is_stopped_with_each_problem_named(fabric_copy: Path,
     assert checks["masks"] == ["fabric/test/scratch/001.png"]
     assert sorted(checks["leakage"]) == ["fabric/test/good/099.png", "fabric/train/good/003.png"]
     message = str(info.value)
-    assert "fabric/test/hole/000.png: corrupt or truncated image" in message
+    assert "fabric/test/hole/000.png: corrupt or truncated PNG" in message
     assert "mask fabric/ground_truth/scratch/001_mask.png is missing" in message
     assert "fabric/test/good/099.png: same bytes as fabric/train/good/003.png (train)" in message
     assert "leakage" in message and str(docs / "index.html") in message

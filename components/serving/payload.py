@@ -14,10 +14,11 @@ with a status and a message that says what to send instead:
 - 413 too large (body bytes, or decoded pixels: a decompression bomb is refused from the
   header, before any pixel is decoded);
 - 415 not a PNG or JPEG;
-- 422 a PNG/JPEG that cannot be used: corrupt or truncated, smaller than ``MIN_SIDE`` pixels,
-  or more than 8 bits per sample. 16-bit images are refused, not converted, for the same reason
-  the training data path refuses them (``tfanet_core.data.images.open_image``): mapping 16 bits
-  to 8 needs the windowing of the inspection software, and the model never saw any other.
+- 422 a PNG/JPEG that cannot be used: corrupt or truncated, too small, or more than 8 bits per sample.
+
+Whether an image is usable is decided by the core's one decoder (``tfanet_core.data.images.decode_image``),
+the same rules and reasons as for training data and ``tfanet predict``; this module only maps each
+refusal kind to its HTTP status (:data:`STATUS_OF_REFUSAL`) and adds the request-level checks.
 
 Grayscale, palette, RGBA and CMYK become RGB exactly as in training (``to_rgb``: alpha dropped).
 """
@@ -28,48 +29,48 @@ import base64
 import binascii
 import io
 import json
-import struct
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from tfanet_core.data.images import to_rgb
+from tfanet_core.data import images
+from tfanet_core.data.images import MAX_IMAGE_BYTES, to_rgb
 from tfanet_core.predictor import Prediction
 
-#: Largest request body accepted (bytes). Keep ``max_request_size`` in the server config equal.
-MAX_BODY_BYTES = 32 * 1024 * 1024
-#: Largest decoded image (width × height); 64 MP RGB is 192 MB of pixels.
-MAX_PIXELS = 64_000_000
-#: Smallest side accepted: below this an image carries no inspectable structure.
-MIN_SIDE = 32
+#: Largest request body accepted (bytes), the core's image limit. Keep ``max_request_size`` in the server config equal.
+MAX_BODY_BYTES = MAX_IMAGE_BYTES
 #: Formats Pillow may even try: a small parser surface for untrusted bytes.
 FORMATS = ("PNG", "JPEG")
 
 _JSON_FIELDS = frozenset({"image", "return_map"})
 _JSON_EXAMPLE = '{"image": <base64 PNG/JPEG>, "return_map": false}'
-_HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _REASONS = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity"}
 
 
 class RequestError(ValueError):
-    """A client error: ``status`` is the HTTP status to answer with, ``message`` what to do about it."""
+    """A client error: ``status`` is the HTTP status to answer with, ``message`` what to do about it.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``refusal`` is the image refusal kind (``tfanet_core.data.images.REFUSALS``) when the image itself was refused.
+    """
+
+    def __init__(self, status: int, message: str, refusal: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.refusal = refusal
 
     @property
     def reason(self) -> str:
         return _REASONS.get(self.status, "Client Error")
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.status, "type": self.reason, "message": self.message}
+        doc: dict[str, Any] = {"code": self.status, "type": self.reason, "message": self.message}
+        if self.refusal is not None:
+            doc["refusal"] = self.refusal
+        return doc
 
 
 @dataclass
@@ -88,60 +89,23 @@ def _as_bool(value: Any, where: str) -> bool:
     raise RequestError(400, f"{where} must be a boolean (true or false), got {value!r:.40}")
 
 
-def _png_bit_depth(data: bytes) -> int | None:
-    """Bit depth from the IHDR chunk: Pillow reads 16-bit RGB PNGs as 8-bit RGB without telling."""
-    if len(data) >= 25 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
-        return data[24]
-    return None
+#: HTTP status of each kind of image refusal (tfanet_core.data.images.REFUSALS): the reason is the core's.
+STATUS_OF_REFUSAL = {
+    "empty": 400,
+    "too_large": 413,
+    "unsupported_format": 415,
+    "corrupt": 422,
+    "too_small": 422,
+    "high_bit_depth": 422,
+}
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """PNG/JPEG bytes → fully decoded 8-bit RGB image, or :class:`RequestError`."""
-    if not data:
-        raise RequestError(400, "empty image: send the PNG or JPEG bytes as the request body")
-    if len(data) > MAX_BODY_BYTES:
-        raise RequestError(413, f"image is {len(data)} bytes; at most {MAX_BODY_BYTES} are accepted")
+    """PNG/JPEG bytes → 8-bit RGB by the core's one decoder and rules, or :class:`RequestError` with its reason."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except UnidentifiedImageError:
-        if _format_name(data) != "image":
-            raise RequestError(
-                422, f"corrupt {_format_name(data)}: Pillow cannot read it; re-export the image"
-            ) from None
-        raise RequestError(
-            415, f"not a PNG or JPEG image (starts with {data[:8]!r}); send PNG or JPEG bytes, or JSON with base64"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(413, f"{exc}; at most {MAX_PIXELS} pixels are accepted: downscale the image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise RequestError(422, f"corrupt {_format_name(data)} header ({exc}); re-export the image") from None
-    width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise RequestError(413, f"image is {width}x{height} = {width * height} pixels; at most {MAX_PIXELS} accepted")
-    if min(width, height) < MIN_SIDE:
-        raise RequestError(422, f"image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")
-    depth = _png_bit_depth(data)
-    if img.mode in _HIGH_BIT_MODES or (depth is not None and depth > 8):
-        raise RequestError(
-            422,
-            f"{depth or 'more than 8'}-bit image (mode {img.mode}); only 8-bit images are accepted: convert it with "
-            f"the same windowing as your inspection software (e.g. `convert in.png -depth 8 out.png`)",
-        )
-    try:
-        # verify() walks the container (PNG chunk CRCs) without decoding; load() decodes every pixel,
-        # which is what detects truncated data (LOAD_TRUNCATED_IMAGES stays off: no grey-filled images).
-        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
-            probe.verify()
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise RequestError(422, f"corrupt or truncated {_format_name(data)} ({exc}); send the complete file") from None
-    return to_rgb(img)
-
-
-def _format_name(data: bytes) -> str:
-    return "PNG" if data.startswith(_PNG_SIGNATURE) else "JPEG" if data.startswith(b"\xff\xd8") else "image"
+        return to_rgb(images.decode_image(data, "request image", formats=FORMATS))
+    except images.ImageError as err:
+        raise RequestError(STATUS_OF_REFUSAL[err.kind], err.reason, refusal=err.kind) from None
 
 
 def _parse_json(body: bytes | Mapping[str, Any]) -> ParsedRequest:
@@ -197,9 +161,7 @@ def parse_request(
         return _parse_json(body)
     if isinstance(body, str):
         body = body.encode("utf-8")
-    if not body:
-        raise RequestError(400, f"empty request body: send PNG/JPEG bytes, or JSON {_JSON_EXAMPLE}")
-    body = bytes(body)
+    body = bytes(body or b"")  # an empty body is refused by the image rules, with their reason
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
     if _looks_like_json(body):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,13 @@ from tfanet_core.errors import TfanetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_BYTES",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "REFUSALS",
     "DataError",
+    "ImageError",
+    "decode_image",
     "image_to_tensor",
     "is_image_file",
     "load_mask",
@@ -49,6 +56,29 @@ class DataError(TfanetError):
     """A problem with the user's data (not with tfanet): the message names the file and the fix."""
 
 
+#: Largest encoded image accepted (bytes); the server's request limit is the same number.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Largest decoded image (width × height); 64 MP RGB is 192 MB of pixels.
+MAX_PIXELS = 64_000_000
+#: Smallest side accepted: below this an image carries no inspectable structure.
+MIN_SIDE = 32
+#: Why an image is refused: the same kinds wherever an image enters tfanet (dataset, CLI, endpoint).
+REFUSALS = ("empty", "too_large", "unsupported_format", "corrupt", "too_small", "high_bit_depth")
+
+
+class ImageError(DataError):
+    """An image tfanet refuses; ``kind`` (one of :data:`REFUSALS`) and ``reason`` say why, the same everywhere.
+
+    The message is ``"<source>: <reason>"``; ``reason`` alone is what training, ``tfanet predict`` and
+    the endpoint all report for the same bytes.
+    """
+
+    def __init__(self, source: str, kind: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
 def is_image_file(path: Path) -> bool:
     """True for a regular, non-hidden file whose extension is one of :data:`IMAGE_EXTENSIONS`."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
@@ -61,52 +91,98 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
-def _decode(path: Path, data: bytes) -> Image.Image:
-    """Decode fully from memory; every decoder failure becomes a DataError naming ``path``."""
+def _format_name(data: bytes) -> str:
+    return "PNG" if data.startswith(_PNG_SIGNATURE) else "JPEG" if data.startswith(b"\xff\xd8") else "image"
+
+
+def _open(data: bytes, source: str, formats: Sequence[str] | None) -> Image.Image:
+    """Open (header only); unreadable bytes become an ImageError. A decompression bomb is refused from the header."""
     if not data:
-        raise DataError(f"{path}: empty file (0 bytes); re-copy it from the source or delete it")
+        raise ImageError(source, "empty", "empty image (0 bytes); send or copy the complete PNG/JPEG file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(source, "too_large", f"image is {len(data)} bytes; at most {MAX_IMAGE_BYTES} are accepted")
     try:
-        # verify() walks the whole container (PNG chunk CRCs, IEND) without decoding pixels;
-        # load() then decodes every pixel, which is what detects truncated JPEG/PNG data.
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        raise DataError(
-            f"{path}: not an image Pillow can read (wrong extension or not an image at all); "
-            f"convert it to PNG or remove it from the dataset folder"
+        if _format_name(data) != "image":
+            raise ImageError(
+                source, "corrupt", f"corrupt {_format_name(data)}: Pillow cannot read it; re-export the image"
+            ) from None
+        allowed = "PNG or JPEG" if formats else "an image Pillow can read"
+        raise ImageError(
+            source,
+            "unsupported_format",
+            f"not {allowed} (starts with {data[:8]!r}); convert it to PNG, or remove it",
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: refused as a decompression bomb ({exc}); downscale it first") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            source, "too_large", f"{exc}; at most {MAX_PIXELS} pixels are accepted: downscale the image"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise DataError(
-            f"{path}: corrupt or truncated image ({exc}); re-copy it from the source or delete it"
+        raise ImageError(
+            source, "corrupt", f"corrupt {_format_name(data)} header ({exc}); re-export the image"
+        ) from None
+
+
+def _load(img: Image.Image, data: bytes, source: str, formats: Sequence[str] | None) -> Image.Image:
+    """Decode every pixel: what detects truncated data (LOAD_TRUNCATED_IMAGES stays off: no grey-filled images)."""
+    try:
+        # verify() walks the container (PNG chunk CRCs, IEND) without decoding; load() decodes every pixel.
+        with Image.open(io.BytesIO(data), formats=formats) as probe:
+            probe.verify()
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageError(
+            source, "corrupt", f"corrupt or truncated {_format_name(data)} ({exc}); re-copy the complete file"
         ) from None
     return img
+
+
+def decode_image(data: bytes, source: str, formats: Sequence[str] | None = None) -> Image.Image:
+    """The one decoder and set of refusal rules for images, wherever they come from (files, requests).
+
+    Returns the fully decoded image in its stored mode, or raises :class:`ImageError`: empty, too large
+    (bytes or pixels, checked from the header before decoding), not a readable image (``formats``
+    narrows what Pillow may even try: the endpoint allows PNG and JPEG only), corrupt or truncated,
+    a side under :data:`MIN_SIDE`, or more than 8 bits per sample. 16-bit images are refused, not
+    converted: mapping 16 bits to 8 needs the windowing of the inspection software, and the model
+    never saw any other.
+    """
+    img = _open(data, source, formats)
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            source, "too_large", f"image is {width}x{height} = {width * height} pixels; at most {MAX_PIXELS} accepted"
+        )
+    depth = _png_bit_depth(data)
+    if img.mode in _HIGH_BIT_MODES or (depth is not None and depth > 8):
+        raise ImageError(
+            source,
+            "high_bit_depth",
+            f"{depth or 'more than 8'}-bit image (mode {img.mode}); tfanet reads 8-bit images only. Convert it "
+            f"to 8 bits with the same windowing as your inspection software (e.g. `convert in.png -depth 8 out.png`)",
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(source, "too_small", f"image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
+    return _load(img, data, source, formats)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror}); check it exists and is readable") from None
 
 
 def open_image(path: Path | str, data: bytes | None = None) -> Image.Image:
-    """Open an image fully, keeping its stored mode; reject what cannot become 8-bit RGB.
+    """Open an image file fully, keeping its stored mode; :func:`decode_image`'s rules refuse the rest.
 
     ``data`` lets a caller that already read the bytes (to hash them) avoid a second read.
-    The returned image is loaded, so its ``mode`` is the mode as stored.
     """
     path = Path(path)
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read the file ({exc.strerror}); check it exists and is readable") from None
-    img = _decode(path, data)
-    depth = _png_bit_depth(data)
-    if img.mode in _HIGH_BIT_MODES or (depth is not None and depth > 8):
-        raise DataError(
-            f"{path}: {depth or 'more than 8'}-bit image (mode {img.mode}); tfanet reads 8-bit images only. "
-            f"Convert it to 8 bits with the same windowing as your inspection software "
-            f"(e.g. `convert in.png -depth 8 out.png`)"
-        )
-    return img
+    return decode_image(_read(path, "file") if data is None else data, str(path))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -133,14 +209,10 @@ def load_rgb(path: Path | str) -> Image.Image:
 
 
 def open_mask_image(path: Path | str, data: bytes | None = None) -> Image.Image:
-    """Open a mask fully, any bit depth (only ``> 0`` matters); DataError if unreadable or truncated."""
+    """Open a mask fully, any bit depth and size (only ``> 0`` matters); ImageError if unreadable or truncated."""
     path = Path(path)
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read the mask ({exc.strerror}); check it exists and is readable") from None
-    return _decode(path, data)
+    data = _read(path, "mask") if data is None else data
+    return _load(_open(data, str(path), None), data, str(path), None)
 
 
 def _mask_array(path: Path) -> np.ndarray:
