@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import shutil
 import socket
 import stat
 import struct
@@ -26,15 +27,18 @@ from components.serving.handler import TFANetHandler
 from components.serving.parity import check_parity
 from components.serving.payload import (
     MAX_BODY_BYTES,
+    STATUS_OF_REFUSAL,
     RequestError,
     decode_map,
     encode_map,
     parse_request,
 )
 from components.serving.torchserve import TorchServeClient
+from tfanet_core import cli
 from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE
 from tfanet_core.config import load_config
-from tfanet_core.data.images import MAX_PIXELS, MIN_SIDE, to_rgb
+from tfanet_core.data.images import MAX_PIXELS, MIN_SIDE, REFUSALS, to_rgb
+from tfanet_core.data.manifest import ManifestError, build_manifest
 from tfanet_core.features import sha256_file
 from tfanet_core.predictor import Predictor
 
@@ -478,3 +482,38 @@ def test_a_second_server_runs_beside_and_stops_cleanly(served: Served, tmp_path:
     assert not (state / "key_file.json").exists() and not (state / "server.json").exists()
     assert server.status(state)["running"] is False and server.stop(state) is False
     assert served.client.ping()
+
+
+def _bad_image(kind: str, good: bytes) -> bytes:
+    """One image per refusal kind of the core's decoder (tfanet_core.data.images.REFUSALS)."""
+    return {
+        "empty": b"",
+        "too_large": _raw_png(10_000, 10_000),
+        "unsupported_format": b"this is a text file, not an image\n" * 20,
+        "corrupt": good[: len(good) // 2],
+        "too_small": _encode(Image.new("RGB", (8, 8))),
+        "high_bit_depth": _encode(Image.fromarray(np.full((64, 64), 40000, np.uint16))),
+    }[kind]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("kind", REFUSALS)
+def test_training_predict_and_endpoint_refuse_a_bad_image_for_the_same_reason(
+    kind: str, served: Served, good_png: bytes, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _bad_image(kind, good_png)
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "fabric", root / "fabric")
+    bad = root / "fabric" / "train" / "good" / "bad.png"
+    bad.write_bytes(data)
+    with pytest.raises(ManifestError) as refused:  # what `tfanet train` and the prepare step build first
+        build_manifest(root, "fabric", progress=False)
+    [(path, reason)] = refused.value.problems
+    assert path == bad and len(reason) > 20
+
+    assert cli.main(["predict", "--bundle", str(served.bundles["fabric"]), str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"tfanet predict: error: {bad}: {reason}"
+
+    resp = served.client.predict("tfanet-fabric", data, content_type="image/png")
+    assert resp.status == STATUS_OF_REFUSAL[kind], resp.body[:200]
+    assert resp.json()["refusal"] == kind and resp.json()["message"] == reason

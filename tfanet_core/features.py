@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tfanet_core.config import FeatureConfig
 from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.errors import ConfigError, TfanetError
 
 if TYPE_CHECKING:
     from tfanet_core.cache import FeatureCache
@@ -33,11 +36,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(TfanetError):
     """Pretrained weights are not on this machine; the message says which file to put where."""
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(TfanetError):
     """A weight file exists but is not the one the tag names (hash or keys differ)."""
 
 
@@ -153,6 +156,10 @@ def _lite_remap(arch: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torc
 # --- WideResNet50-2 with torchvision's ImageNet V1 weights (the paper's backbone) -----------------------
 
 _WRN_FILE = "wide_resnet50_2-95faca4d.pth"
+_WRN_URL = f"https://download.pytorch.org/models/{_WRN_FILE}"
+#: Set to 1 to let tfanet download missing weights (never by default: inspection lines are often offline).
+ALLOW_DOWNLOAD_ENV = "TFANET_ALLOW_DOWNLOAD"
+DOWNLOAD_TIMEOUT_S = 60
 
 
 def _weights_dir() -> Path:
@@ -172,24 +179,32 @@ def _locate_wrn50() -> Path:
             return Path(cached)
     except ImportError:
         pass
-    if os.environ.get("TFANET_OFFLINE", "0") != "1" and os.environ.get("HF_HUB_OFFLINE", "0") != "1":
-        try:
-            from torchvision.models import Wide_ResNet50_2_Weights
-
-            torch.hub.load_state_dict_from_url(
-                Wide_ResNet50_2_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
-            )
-            if candidates[1].is_file():
-                return candidates[1]
-        except Exception:  # no network: fall through to the message that says what to do
-            pass
+    if os.environ.get(ALLOW_DOWNLOAD_ENV, "0") == "1":
+        return _download(_WRN_URL, candidates[1])
     raise MissingWeightsError(
         "WideResNet50-2 ImageNet V1 weights (timm tag wide_resnet50_2.tv_in1k, torchvision IMAGENET1K_V1) were not "
         f"found. Put the file '{_WRN_FILE}' (torchvision's Wide_ResNet50_2_Weights.IMAGENET1K_V1) at "
-        f"{candidates[0]} (or set TFANET_WEIGHTS_DIR to its folder), or into the torch hub cache at {candidates[1]}. "
-        "Without a network, copy it from a machine that has it. Offline alternative: --set "
+        f"{candidates[0]} (or set TFANET_WEIGHTS_DIR to its folder), or into the torch hub cache at {candidates[1]}; "
+        f"or allow tfanet to download it once with {ALLOW_DOWNLOAD_ENV}=1. Offline alternative: --set "
         "features.backbone=efficientnet_lite2."
     )
+
+
+def _download(url: str, dst: Path) -> Path:
+    """Fetch ``url`` to ``dst`` (atomically), with a timeout; only ever called when the user opted in."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+        os.replace(tmp, dst)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise MissingWeightsError(
+            f"{ALLOW_DOWNLOAD_ENV}=1 but downloading {url} failed ({exc}); put the file at {dst} by hand"
+        ) from None
+    return dst
 
 
 WEIGHT_SOURCES: dict[str, WeightSource] = {
@@ -222,10 +237,10 @@ def resolve_source(tag: str) -> WeightSource:
         return WEIGHT_SOURCES[tag]
     if tag.startswith("random:"):
         return WeightSource(tag=tag, arch=tag.split(":", 1)[1], mean=IMAGENET_MEAN, std=IMAGENET_STD, locate=None)
-    raise ValueError(f"unknown backbone '{tag}'; known: {sorted(WEIGHT_SOURCES)} or random:<timm architecture>")
+    raise ConfigError(f"unknown backbone '{tag}'; known: {sorted(WEIGHT_SOURCES)} or random:<timm architecture>")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -234,21 +249,31 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def load_backbone_weights(source: WeightSource) -> tuple[dict[str, torch.Tensor], str]:
-    """The tag's full state dict (checked strictly against the architecture) and its sha256.
+def weights_identity(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors (name, dtype, shape, bytes) in name order: the backbone's identity.
+
+    The same weights stored as ``.pth`` or ``.safetensors`` are the same backbone; a file hash would
+    call them different.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_backbone_weights(source: WeightSource) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """The tag's full state dict (checked strictly against the architecture), its identity and its file's sha256.
 
     Random sources are seeded so that a bundle trained on ``random:<arch>`` rebuilds the same
-    backbone; their "hash" is the hash of the initialized tensors.
+    backbone (they have no file). A known file hash is checked before anything is read.
     """
     if source.is_random:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             state = timm.create_model(source.arch, pretrained=False).state_dict()
-        digest = hashlib.sha256()
-        for name, tensor in sorted(state.items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return state, digest.hexdigest()
+        return state, weights_identity(state), None
 
     assert source.locate is not None
     path = source.locate()
@@ -262,7 +287,7 @@ def load_backbone_weights(source: WeightSource) -> tuple[dict[str, torch.Tensor]
             f"{path}: sha256 {file_hash[:16]}… does not start with {source.sha256_prefix} as {source.tag} requires "
             "(is it a different weight release?)"
         )
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if source.remap is not None:
         state = source.remap(state)
     expected = timm.create_model(source.arch, pretrained=False).state_dict()
@@ -273,7 +298,7 @@ def load_backbone_weights(source: WeightSource) -> tuple[dict[str, torch.Tensor]
             f"{path} does not match {source.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong_shape[:5]}"
         )
-    return state, file_hash
+    return state, weights_identity(state), file_hash
 
 
 class FeatureExtractor(nn.Module):
@@ -295,8 +320,9 @@ class FeatureExtractor(nn.Module):
             # read cost ~30 % of the backbone's FLOPs for nothing.
             self.backbone.blocks = self.backbone.blocks[: max(stage_out)]
         self.weight_sha256 = "unloaded"  # architecture only: parameter and FLOP counts, speed benchmarks
+        self.file_sha256: str | None = None
         if load_weights:
-            state, self.weight_sha256 = load_backbone_weights(self.source)
+            state, self.weight_sha256, self.file_sha256 = load_backbone_weights(self.source)
             own = self.backbone.state_dict()
             self.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
         self.channels = [int(c) for c in self.backbone.feature_info.channels()]

@@ -63,7 +63,8 @@ class Predictor:
         self.batch_size = batch_size
         self.extractor = extractor or FeatureExtractor(self.config.features)
         expected = bundle.backbone.get("sha256")
-        if expected and self.extractor.weight_sha256 != expected:
+        # Bundles of format 1 recorded the weight file's hash; since format 2 the identity is the tensors' hash.
+        if expected and expected not in (self.extractor.weight_sha256, self.extractor.file_sha256):
             raise BundleError(
                 f"backbone weights differ from the ones this bundle was trained on: {bundle.backbone.get('tag')} "
                 f"sha256 {self.extractor.weight_sha256[:12]}… here, {expected[:12]}… in the bundle"

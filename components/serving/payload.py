@@ -13,8 +13,8 @@ with a status and a message that says what to send instead:
 - 400 the request itself is malformed (empty body, bad JSON, bad base64, wrong field types);
 - 413 too large (body bytes, or decoded pixels: a decompression bomb is refused from the
   header, before any pixel is decoded);
-- 415 not a PNG or JPEG;
-- 422 a PNG/JPEG that cannot be used: corrupt or truncated, too small, or more than 8 bits per sample.
+- 415 not a PNG, JPEG, BMP or TIFF (the formats training reads);
+- 422 an image that cannot be used: corrupt or truncated, too small, or more than 8 bits per sample.
 
 Whether an image is usable is decided by the core's one decoder (``tfanet_core.data.images.decode_image``),
 the same rules and reasons as for training data and ``tfanet predict``; this module only maps each
@@ -42,8 +42,6 @@ from tfanet_core.predictor import Prediction
 
 #: Largest request body accepted (bytes), the core's image limit. Keep ``max_request_size`` in the server config equal.
 MAX_BODY_BYTES = MAX_IMAGE_BYTES
-#: Formats Pillow may even try: a small parser surface for untrusted bytes.
-FORMATS = ("PNG", "JPEG")
 
 _JSON_FIELDS = frozenset({"image", "return_map"})
 _JSON_EXAMPLE = '{"image": <base64 PNG/JPEG>, "return_map": false}'
@@ -103,7 +101,7 @@ STATUS_OF_REFUSAL = {
 def decode_image(data: bytes) -> Image.Image:
     """PNG/JPEG bytes → 8-bit RGB by the core's one decoder and rules, or :class:`RequestError` with its reason."""
     try:
-        return to_rgb(images.decode_image(data, "request image", formats=FORMATS))
+        return to_rgb(images.decode_image(data, "request image"))
     except images.ImageError as err:
         raise RequestError(STATUS_OF_REFUSAL[err.kind], err.reason, refusal=err.kind) from None
 

@@ -43,6 +43,8 @@ __all__ = [
     "to_rgb",
 ]
 
+#: The image formats Pillow may even try, for files and requests alike.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 #: File name extensions (lower case) treated as images everywhere in tfanet.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
@@ -95,7 +97,7 @@ def _format_name(data: bytes) -> str:
     return "PNG" if data.startswith(_PNG_SIGNATURE) else "JPEG" if data.startswith(b"\xff\xd8") else "image"
 
 
-def _open(data: bytes, source: str, formats: Sequence[str] | None) -> Image.Image:
+def _open(data: bytes, source: str) -> Image.Image:
     """Open (header only); unreadable bytes become an ImageError. A decompression bomb is refused from the header."""
     if not data:
         raise ImageError(source, "empty", "empty image (0 bytes); send or copy the complete PNG/JPEG file")
@@ -104,17 +106,16 @@ def _open(data: bytes, source: str, formats: Sequence[str] | None) -> Image.Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+            return Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         if _format_name(data) != "image":
             raise ImageError(
                 source, "corrupt", f"corrupt {_format_name(data)}: Pillow cannot read it; re-export the image"
             ) from None
-        allowed = "PNG or JPEG" if formats else "an image Pillow can read"
         raise ImageError(
             source,
             "unsupported_format",
-            f"not {allowed} (starts with {data[:8]!r}); convert it to PNG, or remove it",
+            f"not a {'/'.join(FORMATS)} image (starts with {data[:8]!r}); convert it to PNG",
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
@@ -126,11 +127,11 @@ def _open(data: bytes, source: str, formats: Sequence[str] | None) -> Image.Imag
         ) from None
 
 
-def _load(img: Image.Image, data: bytes, source: str, formats: Sequence[str] | None) -> Image.Image:
+def _load(img: Image.Image, data: bytes, source: str) -> Image.Image:
     """Decode every pixel: what detects truncated data (LOAD_TRUNCATED_IMAGES stays off: no grey-filled images)."""
     try:
         # verify() walks the container (PNG chunk CRCs, IEND) without decoding; load() decodes every pixel.
-        with Image.open(io.BytesIO(data), formats=formats) as probe:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             probe.verify()
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
@@ -140,17 +141,17 @@ def _load(img: Image.Image, data: bytes, source: str, formats: Sequence[str] | N
     return img
 
 
-def decode_image(data: bytes, source: str, formats: Sequence[str] | None = None) -> Image.Image:
+def decode_image(data: bytes, source: str) -> Image.Image:
     """The one decoder and set of refusal rules for images, wherever they come from (files, requests).
 
     Returns the fully decoded image in its stored mode, or raises :class:`ImageError`: empty, too large
-    (bytes or pixels, checked from the header before decoding), not a readable image (``formats``
-    narrows what Pillow may even try: the endpoint allows PNG and JPEG only), corrupt or truncated,
+    (bytes or pixels, checked from the header before decoding), not one of :data:`FORMATS` (a small
+    parser surface for untrusted bytes), corrupt or truncated,
     a side under :data:`MIN_SIDE`, or more than 8 bits per sample. 16-bit images are refused, not
     converted: mapping 16 bits to 8 needs the windowing of the inspection software, and the model
     never saw any other.
     """
-    img = _open(data, source, formats)
+    img = _open(data, source)
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ImageError(
@@ -166,7 +167,7 @@ def decode_image(data: bytes, source: str, formats: Sequence[str] | None = None)
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(source, "too_small", f"image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
-    return _load(img, data, source, formats)
+    return _load(img, data, source)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -212,7 +213,7 @@ def open_mask_image(path: Path | str, data: bytes | None = None) -> Image.Image:
     """Open a mask fully, any bit depth and size (only ``> 0`` matters); ImageError if unreadable or truncated."""
     path = Path(path)
     data = _read(path, "mask") if data is None else data
-    return _load(_open(data, str(path), None), data, str(path), None)
+    return _load(_open(data, str(path)), data, str(path))
 
 
 def _mask_array(path: Path) -> np.ndarray:
