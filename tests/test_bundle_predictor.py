@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tfanet_core.bundle import BundleError, load_bundle, read_metadata
+from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle, read_metadata
 from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.drift import REFERENCE_FILE, DriftConfig, build_reference, check_window, measure
 from tfanet_core.predictor import Predictor
 
 
@@ -91,3 +92,34 @@ def test_pasted_anomaly_raises_the_score_and_the_map_peaks_inside_it(fabric_bund
     assert scores[1] > 2 * scores[0]
     row, col = divmod(int(maps[1].argmax()), size)
     assert top - 4 <= row < top + side + 4 and left - 4 <= col < left + side + 4
+
+
+def test_save_load_save_keeps_the_drift_reference_and_drift_checks_run_on_the_resaved_bundle(
+    fabric_bundle: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    bundle = load_bundle(fabric_bundle)
+    normals = sorted((synth_root / "fabric" / "train" / "good").glob("*.png"))[:8]
+    bundle.drift_reference = build_reference(Predictor(bundle, device="cpu"), normals[:5], normals[5:])
+    saved = bundle.save(tmp_path / "bundle")
+    resaved = load_bundle(saved).save(saved)  # in place: the directory is replaced as a whole
+    assert sorted(p.name for p in resaved.iterdir()) == [METADATA_FILE, REFERENCE_FILE, WEIGHTS_FILE]
+    again = load_bundle(resaved)
+    assert again.drift_reference is not None and again.thresholds == bundle.thresholds
+    np.testing.assert_array_equal(again.drift_reference.embeddings, bundle.drift_reference.embeddings)
+    np.testing.assert_array_equal(again.drift_reference.scores, bundle.drift_reference.scores)
+    assert again.drift_reference.threshold == bundle.thresholds["image"].value
+    # what `tfanet drift check` does with the champion's bundle: embed a window, test it against the reference
+    embeddings, scores = measure(Predictor(again, device="cpu"), normals[:4])
+    report = check_window(again.drift_reference, embeddings, scores, DriftConfig(window=4, n_permutations=50))
+    assert report.n_window == 4 and isinstance(report.drift, bool) and set(report.p_values) >= {"mmd"}
+
+
+def test_predictions_carry_the_defect_mask_of_the_pixel_threshold(fabric_bundle: Path, synth_root: Path) -> None:
+    predictor = Predictor.from_bundle(fabric_bundle, device="cpu")
+    assert predictor.pixel_threshold is not None and predictor.pixel_threshold.level == "pixel"
+    path = sorted((synth_root / "fabric" / "test" / "hole").glob("*.png"))[0]
+    [with_map] = predictor.predict_paths([path], return_maps=True)
+    assert with_map.anomaly_map is not None and with_map.pred_mask is not None
+    np.testing.assert_array_equal(with_map.pred_mask, with_map.anomaly_map > predictor.pixel_threshold.value)
+    [plain] = predictor.predict_paths([path])
+    assert plain.pred_mask is None and plain.score == with_map.score

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import optimize, stats
 from scipy.stats import norm
 
 from tfanet_core.metrics import f1_max
@@ -17,7 +18,9 @@ from tfanet_core.threshold import (
     Threshold,
     calibrate,
     calibrate_pixels,
+    fpr_upper_bound,
     normal_quantile_threshold,
+    normals_needed,
 )
 
 
@@ -151,3 +154,35 @@ def test_threshold_round_trips_through_json() -> None:
     with pytest.raises(ValueError, match="unknown Threshold fields"):
         Threshold.from_dict({**threshold.to_dict(), "colour": "red"})
     assert Threshold(value=1.0, method="f1").is_anomalous(1.5) is True
+
+
+def _exact_upper_bound(k: int, n: int, confidence: float) -> float:
+    """The Clopper-Pearson upper bound by definition: the p where P(Binomial(n, p) <= k) = 1 - confidence."""
+    return float(optimize.brentq(lambda p: stats.binom.cdf(k, n, p) - (1 - confidence), 1e-12, 1 - 1e-12))
+
+
+@pytest.mark.parametrize(("n", "target"), [(20, 0.05), (100, 0.01), (250, 0.02), (12, 0.01)])
+def test_image_threshold_states_its_exact_binomial_fpr_bound(n: int, target: float) -> None:
+    scores = np.random.default_rng(n).normal(size=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        t = calibrate(scores, target_fpr=target)
+    k = int(np.count_nonzero(scores > t.value))
+    assert t.calibration_fpr == k / n and t.confidence == 0.95
+    assert t.fpr_upper_bound == pytest.approx(_exact_upper_bound(k, n, 0.95), rel=1e-9)
+    assert t.fpr_upper_bound > t.calibration_fpr
+    # normals_needed: the smallest n whose zero-false-alarm bound reaches the target
+    needed = t.normals_needed
+    assert needed is not None
+    assert _exact_upper_bound(0, needed, 0.95) <= target < _exact_upper_bound(0, needed - 1, 0.95)
+    assert Threshold.from_dict(t.to_dict()) == t
+
+
+def test_fpr_bound_edge_cases_and_pixels_carry_none() -> None:
+    assert fpr_upper_bound(0, 1) == pytest.approx(0.95)
+    assert fpr_upper_bound(5, 5) == 1.0
+    assert normals_needed(0.01) == 299  # the rule of three: about 3 / 0.01
+    with pytest.raises(ValueError):
+        fpr_upper_bound(3, 2)
+    pixel = calibrate_pixels(np.random.default_rng(0).random((4, 8, 8)), target_fpr=0.05)
+    assert pixel.fpr_upper_bound is None and pixel.normals_needed is None
