@@ -427,6 +427,9 @@ def test_anomaly_map_on_request(served: Served) -> None:
         amap = decode_map(doc["anomaly_map"], doc["anomaly_map_scale"])
         assert amap.shape == ref.anomaly_map.shape == (128, 128)
         assert np.abs(amap - ref.anomaly_map).max() <= doc["anomaly_map_scale"] / 65535 + 1e-5
+        # the pixel threshold's defect region, as tfanet_core's Prediction.pred_mask gives it
+        with Image.open(io.BytesIO(base64.b64decode(doc["pred_mask"]))) as mask:
+            np.testing.assert_array_equal(np.asarray(mask) > 0, ref.pred_mask)
 
 
 @pytest.mark.server

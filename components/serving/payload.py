@@ -202,4 +202,13 @@ def build_response(prediction: Prediction, product: str, model_version: str, ret
         if prediction.anomaly_map is None:
             raise ValueError("return_map requested but the predictor returned no map")
         out["anomaly_map"], out["anomaly_map_scale"] = encode_map(prediction.anomaly_map)
+        if prediction.pred_mask is not None:  # the bundle has a pixel threshold: the defect region, 0/255 PNG
+            out["pred_mask"] = encode_mask(prediction.pred_mask)
     return out
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """Boolean defect mask → base64 of an 8-bit grayscale PNG (0 good, 255 defect), what any viewer shows."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
