@@ -88,7 +88,8 @@ class Manifest:
     def row_for(self, path: Path | str) -> ManifestRow:
         """The row of an image given by its absolute path (under :attr:`root`) or its relative one."""
         path = Path(path)
-        rel = path.relative_to(self.root).as_posix() if self.root and path.is_absolute() else path.as_posix()
+        inside = self.root is not None and path.is_relative_to(self.root)
+        rel = path.relative_to(self.root).as_posix() if inside else path.as_posix()
         for r in self.rows:
             if r.path == rel:
                 return r
