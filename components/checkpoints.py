@@ -170,5 +170,8 @@ class CheckpointMirror:
             signal.signal(signal.SIGTERM, self._previous_handler)
         if exc_type is None:
             self.clear()
-        else:
+            return
+        try:
             self.sync()  # the last checkpoint before a failure or SIGTERM: what the retry resumes from
+        except Exception as sync_error:  # keep the step's own error; the retry resumes from the previous upload
+            log.warning("last checkpoint upload to %s failed: %s", self.remote, sync_error)
