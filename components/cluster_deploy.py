@@ -228,18 +228,19 @@ def deploy_in_cluster(
     previous = history[-1] if history else None
 
     def decide(status: str, reason: str, serving: str | None, **extra: Any) -> DeployDecision:
-        now_champion = version_by_alias(registry, reg_name, CHAMPION)
+        now = version_by_alias(registry, reg_name, CHAMPION)  # moved back by a rollback
+        champion_now = now.version if now else None
         return DeployDecision(
             product,
             name,
             status,
             reason,
-            now_champion.version if now_champion else None,
+            champion_now,
             previous,
             serving,
+            **extra,
             history=tuple(history),
             decided_at=_now(),
-            **extra,
         )
 
     if champion is None:

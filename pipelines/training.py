@@ -66,6 +66,17 @@ class Registered(NamedTuple):
     decision: str
 
 
+def _data(product: str, dataset_uri: str, dataset_version: str, params: str, s3_endpoint: str) -> dict:
+    """The arguments every data-reading step takes (``dataset_version`` keeps the cache honest, see above)."""
+    return {
+        "product": product,
+        "dataset_uri": dataset_uri,
+        "dataset_version": dataset_version,
+        "params": params,
+        "s3_endpoint": s3_endpoint,
+    }
+
+
 def training_chain(
     product: str,
     dataset_uri: str,
@@ -81,13 +92,7 @@ def training_chain(
     gpu_tolerations: list,
 ) -> dsl.PipelineTask:
     """The seven steps of one product; returns the register task (outputs ``version``, ``decision``)."""
-    data = {
-        "product": product,
-        "dataset_uri": dataset_uri,
-        "dataset_version": dataset_version,
-        "params": params,
-        "s3_endpoint": s3_endpoint,
-    }
+    data = _data(product, dataset_uri, dataset_version, params, s3_endpoint)
     validated = _cpu(steps.validate(**data, rules=validate_rules))
     manifest = validated.outputs["manifest"]
     features = _cpu(steps.extract_features(**data, manifest=manifest)).outputs["features"]
@@ -217,13 +222,7 @@ def multi_product_pipeline(
             gpu_node_selector,
             gpu_tolerations,
         )
-        data = {
-            "product": item.product,
-            "dataset_uri": dataset_uri,
-            "dataset_version": dataset_version,
-            "params": item.params,
-            "s3_endpoint": s3_endpoint,
-        }
+        data = _data(item.product, dataset_uri, dataset_version, item.params, s3_endpoint)
         _deploy_if_promoted(registered, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)
 
 
@@ -262,11 +261,5 @@ def retrain_on_drift_pipeline(
         gpu_node_selector,
         gpu_tolerations,
     )
-    data = {
-        "product": product,
-        "dataset_uri": dataset_uri,
-        "dataset_version": dataset_version,
-        "params": params,
-        "s3_endpoint": s3_endpoint,
-    }
+    data = _data(product, dataset_uri, dataset_version, params, s3_endpoint)
     _deploy_if_promoted(registered, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)
