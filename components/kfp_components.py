@@ -133,18 +133,27 @@ def train(
     dataset_version: str,
     params: str,
     s3_endpoint: str,
+    checkpoint_root: str,
+    run_id: str,
     manifest: Input[Dataset],
     features: Input[Dataset],
     template: Input[Artifact],
     model: Output[Model],
     history: Output[Metrics],
 ) -> None:
-    """TFA-Net fitted on the cached features with the chosen template (the GPU step)."""
+    """TFA-Net fitted on the cached features with the chosen template (the GPU step).
+
+    Checkpoints are mirrored to ``<checkpoint_root>/<run_id>/<product>/`` while it trains
+    (:mod:`components.checkpoints`): a retry of this task in the same run (``run_id`` is KFP's run
+    UUID) resumes from the last one, a new run starts fresh. Empty ``checkpoint_root``: no mirror.
+    """
     import json
     from pathlib import Path
 
+    from components.checkpoints import checkpoint_location
     from components.kfp_io import run_step
 
+    location = checkpoint_location(checkpoint_root, run_id, product) if checkpoint_root else ""
     summary = run_step(
         "train",
         product=product,
@@ -154,10 +163,14 @@ def train(
         inputs={"manifest": manifest, "features": features, "template": template},
         outputs={"model": model},
         s3_endpoint=s3_endpoint,
+        checkpoint_uri=location,
     )
+    restored = summary.get("restored_checkpoints", [])
+    model.metadata.update({"checkpoints": location, "restored_checkpoints": restored})
     last = json.loads((Path(model.path) / "history.json").read_text())[-1]
     history.log_metric("epochs", float(summary["epochs"]))
     history.log_metric("best_epoch", float(summary["best_epoch"]))
+    history.log_metric("resumed", float(bool(restored)))
     for key, value in last.items():
         if key != "epoch" and isinstance(value, int | float):
             history.log_metric(f"last.{key}", float(value))
@@ -286,24 +299,50 @@ def register(
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def deploy(
     product: str,
+    dataset_uri: str,
+    dataset_version: str,
+    params: str,
+    deploy_settings: str,
     model_bucket: str,
+    torchserve_namespace: str,
     mlflow_tracking_uri: str,
     s3_endpoint: str,
     decision: Output[Markdown],
 ) -> str:
-    """Publish the registry champion's TorchServe archive to ``s3://<model_bucket>/torchserve/<product>/``.
+    """Serve the registry's champion on the product's TorchServe in the cluster, if it passes parity there.
 
-    Returns the archive's S3 URI. TorchServe loads it at its next start: the Markdown output names the
-    ``kubectl rollout restart`` that completes the deploy (pipelines/README.md says why).
+    Publishes its ``.mar`` to ``s3://<model_bucket>/torchserve/<product>/``, restarts
+    ``deployment/torchserve-<product>`` in ``torchserve_namespace``, scores the probe images (test split
+    of the dataset, ``deploy.probe_count``) through the pod's inference gateway and compares them with
+    the bundle's scores (``deploy.tolerance``); on a difference it rolls back to the previous deployed
+    version (:mod:`components.cluster_deploy`). Returns the decision's status; the Markdown output and
+    the model version's ``deploy.*`` tags say why.
     """
-    from components.kfp_io import publish_champion
+    import json
+    import tempfile
+    from pathlib import Path
 
-    record = publish_champion(product, model_bucket, mlflow_tracking_uri, s3_endpoint)
-    with open(decision.path, "w") as f:
-        f.write(
-            f"## {record['registered_model']}: champion v{record['champion']} published\n\n"
-            f"- archive: `{record['archive']}`\n"
-            f"- removed: {', '.join(f'`{k}`' for k in record['removed']) or 'nothing'}\n\n"
-            f"TorchServe loads it when its pods restart: `{record['rollout']}`\n"
+    from components.cluster_deploy import KubernetesRollout, deploy_in_cluster, gateway_url, markdown
+    from components.deploy_cli import DEFAULT_PROBE_COUNT, probe_images
+    from components.kfp_io import fetch_dataset, s3_for
+    from components.serving.parity import DEFAULT_TOLERANCE
+
+    settings = json.loads(deploy_settings)
+    category = str((json.loads(params).get("data") or {}).get("category", product))
+    with tempfile.TemporaryDirectory(prefix="tfanet-deploy-") as tmp:
+        data_root = fetch_dataset(dataset_uri, category, Path(tmp), s3_endpoint)
+        probes = probe_images(data_root, category, int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))
+        record = deploy_in_cluster(
+            product,
+            model_bucket=model_bucket,
+            s3=s3_for(s3_endpoint),
+            probes=probes,
+            restart=KubernetesRollout(torchserve_namespace),
+            inference_url=gateway_url(product, torchserve_namespace),
+            tolerance=float(settings.get("tolerance", DEFAULT_TOLERANCE)),
+            tracking_uri=mlflow_tracking_uri or None,
         )
-    return record["archive"]
+    with open(decision.path, "w") as f:
+        f.write(markdown(record))
+    print(json.dumps(record.to_json()), flush=True)
+    return record.status

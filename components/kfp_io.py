@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kfp.dsl import Artifact, Metrics
 
-__all__ = ["ARTIFACT_CONTENTS", "fetch_dataset", "log_numbers", "publish_champion", "run_step"]
+__all__ = ["ARTIFACT_CONTENTS", "fetch_dataset", "log_numbers", "run_step", "s3_for"]
 
 # Artifact name -> the entries of RUNS/<product>/ it carries (relative paths, as ProductPaths names them).
 ARTIFACT_CONTENTS: dict[str, tuple[str, ...]] = {
@@ -44,7 +44,8 @@ def _category(params: Mapping[str, Any], product: str) -> str:
     return str((params.get("data") or {}).get("category", product))
 
 
-def _s3(s3_endpoint: str) -> Any:
+def s3_for(s3_endpoint: str) -> Any:
+    """A boto3 S3 client: credentials from the environment (the mapped Secret), ``s3_endpoint`` if not empty."""
     from components.storage import S3Settings, s3_client
 
     settings = S3Settings.from_env()
@@ -65,7 +66,7 @@ def fetch_dataset(dataset_uri: str, category: str, work: Path, s3_endpoint: str 
     bucket, prefix = parse_s3_uri(dataset_uri)
     root = work / "data"
     key = f"{prefix}/{category}" if prefix else category
-    download_dir(_s3(s3_endpoint), bucket, key, root / category, progress=False)
+    download_dir(s3_for(s3_endpoint), bucket, key, root / category, progress=False)
     return root
 
 
@@ -79,6 +80,7 @@ def run_step(
     inputs: Mapping[str, Artifact],
     outputs: Mapping[str, Artifact],
     s3_endpoint: str = "",
+    checkpoint_uri: str = "",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run ``components.steps.<step>`` on a product tree made of ``inputs``; copy its results into ``outputs``.
@@ -86,9 +88,14 @@ def run_step(
     ``params`` is the product's section of params.yaml as JSON. ``inputs``/``outputs`` map artifact
     names of :data:`ARTIFACT_CONTENTS` to kfp artifacts. Step ``validate`` runs prepare first (the
     manifest is what it validates). ``kwargs`` go to the step function (``rules`` for validate,
-    ``promotion``/``tracking_uri`` for register).
+    ``promotion``/``tracking_uri`` for register). ``checkpoint_uri`` (train): the durable copy of the
+    tree's ``checkpoints/`` (:class:`components.checkpoints.CheckpointMirror`), restored before the step and
+    kept current while it runs; the result then lists the files restored under ``restored_checkpoints``.
     """
+    from contextlib import nullcontext
+
     from components import steps
+    from components.checkpoints import CheckpointMirror
 
     section = json.loads(params)
     with tempfile.TemporaryDirectory(prefix=f"tfanet-{step}-") as tmp:
@@ -105,7 +112,11 @@ def run_step(
         elif step == "register":
             result = steps.register(data_root, product, section, paths, **kwargs)
         else:
-            result = getattr(steps, step)(data_root, product, section, paths, **kwargs)
+            mirror = CheckpointMirror(paths.checkpoints, checkpoint_uri, s3_endpoint) if checkpoint_uri else None
+            with mirror or nullcontext():
+                result = getattr(steps, step)(data_root, product, section, paths, **kwargs)
+            if mirror is not None:
+                result = {**result, "restored_checkpoints": mirror.restored}
         for name, artifact in outputs.items():
             out = Path(artifact.path)
             out.mkdir(parents=True, exist_ok=True)
@@ -133,47 +144,3 @@ def log_numbers(metrics: Metrics, values: Mapping[str, Any], prefix: str = "") -
             log_numbers(metrics, value, f"{name}.")
         elif isinstance(value, int | float) and not isinstance(value, bool) and value == value:
             metrics.log_metric(name, float(value))
-
-
-def publish_champion(product: str, model_bucket: str, tracking_uri: str = "", s3_endpoint: str = "") -> dict[str, Any]:
-    """Put the registry champion's ``.mar`` under ``s3://<model_bucket>/torchserve/<product>/``, alone.
-
-    The in-cluster deploy (infra/README.md): TorchServe's model store is an emptyDir filled from that
-    prefix when a pod starts, and its management keys cannot be handed to a pipeline pod, so the step
-    publishes the archive (the same builder as :func:`components.deploy.deploy`) and a rollout restart
-    loads it. Archives of other versions are removed from the prefix; the registry keeps every version.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    from components.serving.archive import build_archive, model_name
-    from components.tracking import CHAMPION, download_bundle, registered_model_name
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    registry = MlflowClient()
-    reg_name = registered_model_name(product)
-    champion = registry.get_model_version_by_alias(reg_name, CHAMPION)
-    version = str(champion.version)
-    prefix = f"torchserve/{product}"
-    key = f"{prefix}/{model_name(product)}-v{version}.mar"
-    client = _s3(s3_endpoint)
-    with tempfile.TemporaryDirectory(prefix=f"publish-{product}-") as tmp:
-        bundle = download_bundle(f"models:/{reg_name}/{version}", Path(tmp) / "model")
-        source = {"kind": "mlflow", "model": reg_name, "version": version, "run_id": champion.run_id}
-        mar = build_archive(bundle, product, version, Path(tmp) / "store", source=source, filename=Path(key).name)
-        client.upload_file(str(mar), model_bucket, key)
-    listed = client.list_objects_v2(Bucket=model_bucket, Prefix=f"{prefix}/").get("Contents", [])
-    removed = [o["Key"] for o in listed if o["Key"].endswith(".mar") and o["Key"] != key]
-    for old in removed:
-        client.delete_object(Bucket=model_bucket, Key=old)
-    record = {
-        "product": product,
-        "registered_model": reg_name,
-        "champion": version,
-        "archive": f"s3://{model_bucket}/{key}",
-        "removed": [f"s3://{model_bucket}/{k}" for k in removed],
-        "rollout": f"kubectl rollout restart deployment/torchserve-{product}",
-    }
-    registry.set_model_version_tag(reg_name, version, "deploy.published", record["archive"])
-    return record

@@ -79,6 +79,8 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         raise ValueError("no dataset version: pass --dvc-file DATA.dvc or --param dataset_version=HASH")
     arguments.setdefault("mlflow_tracking_uri", tracking_uri)
     arguments.setdefault("s3_endpoint", next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), ""))
+    # kfp.local: checkpoints on the local disk (the "volume" form of checkpoint_root), not the cluster's bucket.
+    arguments.setdefault("checkpoint_root", str((args.pipeline_root / "checkpoints").resolve()))
     try:
         outputs = run_local(arguments, args.pipeline_root)
     except RuntimeError as exc:  # kfp.local names the failed task; the task's own log is above on stderr

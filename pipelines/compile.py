@@ -7,8 +7,11 @@ sends, and ``tests/test_pipelines.py`` fails when it is stale (compiling is dete
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler
 
@@ -27,6 +30,20 @@ def compiled_path(name: str, out_dir: Path | str = COMPILED) -> Path:
     return Path(out_dir) / f"{name}.yaml"
 
 
+_HEADER_DEFAULT = re.compile(r"^(#    \w+: (?:dict|list) \[Default: )(.*)(\])$", re.M)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value
+
+
+def _stable_header(text: str) -> str:
+    """kfp's header comment prints dict defaults in protobuf map order, which changes with the hash seed: sort it."""
+    return _HEADER_DEFAULT.sub(lambda m: m[1] + repr(_sorted(ast.literal_eval(m[2]))) + m[3], text)
+
+
 def compile_all(out_dir: Path | str = COMPILED) -> list[Path]:
     """Compile every pipeline into ``out_dir``; returns the files written."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -34,6 +51,7 @@ def compile_all(out_dir: Path | str = COMPILED) -> list[Path]:
     for name, pipeline in PIPELINES.items():
         path = compiled_path(name, out_dir)
         compiler.Compiler().compile(pipeline, str(path))
+        path.write_text(_stable_header(path.read_text()))
         written.append(path)
     return written
 

@@ -24,6 +24,7 @@ __all__ = ["HOST_VARIABLE", "SubmitError", "dvc_version", "pipeline_arguments", 
 
 HOST_VARIABLE = "KFP_HOST"
 PER_PRODUCT = ("training", "retrain_on_drift")
+DEPLOYING = ("multi_product", "retrain_on_drift")  # they take params.yaml's deploy section (parity settings)
 
 
 class SubmitError(RuntimeError):
@@ -35,7 +36,7 @@ def pipeline_inputs(pipeline: str) -> dict[str, dict[str, Any]]:
     path = compiled_path(pipeline)
     if not path.is_file():
         raise SubmitError(f"{path} is missing: compile the pipelines first (`tfanet pipeline compile`)")
-    spec = yaml.safe_load(path.read_text())
+    spec = next(yaml.safe_load_all(path.read_text()))  # the second document is the Kubernetes platform spec
     return spec["root"]["inputDefinitions"]["parameters"]
 
 
@@ -124,7 +125,7 @@ def dvc_version(dvc_file: Path | str) -> str:
 
 
 def pipeline_arguments(pipeline: str, params: Mapping[str, Any], products: Iterable[str] = ()) -> dict[str, Any]:
-    """The arguments params.yaml provides: product sections, the promotion gate and validation rules, as JSON.
+    """The arguments params.yaml provides, as JSON: product sections, the promotion gate, validation rules, deploy.
 
     ``training``/``retrain_on_drift`` take exactly one product; ``multi_product`` takes any
     (default: every product of params.yaml).
@@ -137,12 +138,14 @@ def pipeline_arguments(pipeline: str, params: Mapping[str, Any], products: Itera
         "promotion": json.dumps(params.get("promotion") or {}, sort_keys=True),
         "validate_rules": json.dumps(params.get("validate") or {}, sort_keys=True),
     }
+    compiled_path(pipeline)  # an unknown pipeline name fails here, naming the known ones
+    if pipeline in DEPLOYING:
+        common["deploy_settings"] = json.dumps(params.get("deploy") or {}, sort_keys=True)
     if pipeline in PER_PRODUCT:
         if len(products) != 1:
             raise ValueError(f"pipeline {pipeline} trains one product: pass exactly one --product")
         section = product_params(params, products[0])
         return {"product": products[0], "params": json.dumps(section, sort_keys=True), **common}
-    compiled_path(pipeline)  # an unknown pipeline name fails here, naming the known ones
     chosen = products or list(sections)
     items = [{"product": p, "params": json.dumps(product_params(params, p), sort_keys=True)} for p in chosen]
     return {"products": items, **common}

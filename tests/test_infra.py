@@ -132,6 +132,45 @@ def test_torchserve_config_keeps_token_auth_on(rendered) -> None:
             assert props["grpc_inference_address"] == "127.0.0.1"
 
 
+def test_the_deploy_step_reaches_torchserve_through_the_gateway_and_may_restart_only_it(rendered) -> None:
+    """The in-cluster deploy step (components/cluster_deploy.py) needs no TorchServe key and one narrow Role."""
+    from components.cluster_deploy import PARITY_LABEL
+    from components.inference_gateway import PORT
+
+    for name, docs in rendered.items():
+        for product in ("fabric", "bracket"):
+            deployment = f"torchserve-{product}"
+            pod = _by_kind(docs, "Deployment")[deployment]["spec"]["template"]["spec"]
+            gateway = next(c for c in pod["containers"] if c["name"] == "inference-gateway")
+            assert gateway["command"][:3] == ["python", "-m", "components.inference_gateway"], name
+            assert gateway["ports"] == [{"name": "gateway", "containerPort": PORT}]
+            (work,) = gateway["volumeMounts"]
+            assert work == {"name": "work", "mountPath": "/home/model-server/work", "readOnly": True}
+            ports = {p["name"]: p["port"] for p in _by_kind(docs, "Service")[deployment]["spec"]["ports"]}
+            assert ports["gateway"] == PORT
+            rules = _by_kind(docs, "NetworkPolicy")[deployment]["spec"]["ingress"]
+            (gateway_rule,) = (r for r in rules if {"port": PORT} in r["ports"])
+            assert gateway_rule["ports"] == [{"port": PORT}]
+            (peer,) = gateway_rule["from"]
+            assert peer["podSelector"]["matchExpressions"] == [
+                {"key": PARITY_LABEL, "operator": "In", "values": ["true"]}
+            ]
+            role = _by_kind(docs, "Role")[f"torchserve-rollout-{product}"]
+            assert role["rules"] == [
+                {
+                    "apiGroups": ["apps"],
+                    "resources": ["deployments"],
+                    "resourceNames": [deployment],
+                    "verbs": ["get", "patch"],
+                }
+            ]
+            binding = _by_kind(docs, "RoleBinding")[f"torchserve-rollout-{product}"]
+            assert binding["roleRef"]["name"] == role["metadata"]["name"]
+            assert binding["subjects"] == [
+                {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+            ]
+
+
 def test_prod_scales_out(rendered) -> None:
     deployments = _by_kind(rendered["prod"], "Deployment")
     assert {n: deployments[n]["spec"]["replicas"] for n in ("mlflow", "torchserve-fabric", "torchserve-bracket")} == {

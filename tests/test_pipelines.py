@@ -1,4 +1,5 @@
-"""The kfp pipelines: compiled YAML (fresh, components, GPU, dataset version, ParallelFor), submit errors, kfp.local.
+"""The kfp pipelines: compiled YAML (fresh, components, GPU, dataset version, ParallelFor, Kubernetes platform
+spec), submit errors, kfp.local.
 
 The compiled-YAML tests read the committed ``pipelines/compiled/*.yaml`` (what a cluster runs)
 after checking that compiling again gives the same bytes. The end-to-end test runs
@@ -20,12 +21,21 @@ from pipelines import COMPILED, NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = ("validate", "extract-features", "select-template", "train", "evaluate", "calibrate", "register")
-DATA_STEPS = set(CHAIN)  # every step of the chain reads the dataset (register: its probe images)
+# Every step reads the dataset (register and deploy: their probe images), which may be s3://.
+DATA_STEPS = {*CHAIN, "deploy"}
 EPOCHS = 5
 
 
 def spec(name: str) -> dict[str, Any]:
-    return yaml.safe_load((COMPILED / f"{name}.yaml").read_text())
+    """The pipeline spec: the first document of the compiled YAML."""
+    return next(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
+
+
+def platform(name: str) -> dict[str, Any]:
+    """The Kubernetes platform spec (kfp-kubernetes) by executor: the second document of the compiled YAML."""
+    docs = list(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
+    assert len(docs) == 2, f"{name}.yaml has no platform spec"
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def dags(pipeline: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -113,7 +123,7 @@ def test_dataset_version_reaches_every_data_reading_step(name: str) -> None:
             assert pipeline_parameter(pipeline, owner, source) == "dataset_version", task_name
         if "dataset_uri" in params:
             assert task_name in DATA_STEPS, f"{task_name} reads data but is not checked"
-    assert seen == DATA_STEPS
+    assert seen == DATA_STEPS - ({"deploy"} if name == "training" else set())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,6 +133,81 @@ def test_registry_writes_are_never_cached(name: str) -> None:
             assert not task.get("cachingOptions", {}).get("enableCache", False), task_name
         elif task_name in DATA_STEPS:
             assert task["cachingOptions"]["enableCache"] is True, task_name
+
+
+def leaf_tasks(pipeline: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(owning DAG, task name, executor label) of every task that runs a container."""
+    out = []
+    for owner, task_name, task in tasks(pipeline):
+        component = pipeline["components"][task["componentRef"]["name"]]
+        if "executorLabel" in component:
+            out.append((owner, task_name, component["executorLabel"]))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_task_gets_the_s3_credentials_secret_as_env(name: str) -> None:
+    """Every task reads the dataset (maybe s3://), train mirrors checkpoints and deploy publishes to S3."""
+    pipeline, executors = spec(name), platform(name)
+    checked = set()
+    for owner, task_name, executor in leaf_tasks(pipeline):
+        assert "dataset_uri" in dags(pipeline)[owner]["tasks"][task_name]["inputs"]["parameters"], task_name
+        (mapping,) = executors[executor]["secretAsEnv"]
+        assert mapping["secretNameParameter"] == {"runtimeValue": {"constant": "tfanet-s3-credentials"}}, task_name
+        assert mapping["optional"] is False
+        pairs = {(k["secretKey"], k["envVar"]) for k in mapping["keyToEnv"]}
+        assert pairs == {("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
+        checked.add(task_name)
+    assert checked == DATA_STEPS - ({"deploy"} if name == "training" else set())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_is_placed_on_gpu_nodes_by_pipeline_parameters_and_retried(name: str) -> None:
+    from pipelines.training import GPU_NODE_SELECTOR, GPU_TOLERATIONS, TRAIN_RETRIES
+
+    pipeline, executors = spec(name), platform(name)
+    inputs = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert inputs["gpu_node_selector"] == {
+        "defaultValue": GPU_NODE_SELECTOR,
+        "isOptional": True,
+        "parameterType": "STRUCT",
+    }
+    assert (
+        inputs["gpu_tolerations"]["defaultValue"]
+        == GPU_TOLERATIONS
+        == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    for owner, task_name, executor in leaf_tasks(pipeline):
+        task = dags(pipeline)[owner]["tasks"][task_name]
+        placement = {k: v for k, v in executors[executor].items() if k in ("nodeSelector", "tolerations")}
+        if task_name != "train":
+            assert not placement and "retryPolicy" not in task, task_name
+            continue
+        selector = placement["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
+        (toleration,) = placement["tolerations"]
+        tolerations = toleration["tolerationJson"]["componentInputParameter"]
+        assert pipeline_parameter(pipeline, owner, selector) == "gpu_node_selector"
+        assert pipeline_parameter(pipeline, owner, tolerations) == "gpu_tolerations"
+        assert task["retryPolicy"] == {
+            "backoffDuration": "30s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "600s",
+            "maxRetryCount": TRAIN_RETRIES,
+        }
+        # checkpoints keyed by the run: KFP's run UUID, the same for every retry of the task in this run
+        params = task["inputs"]["parameters"]
+        assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+        assert pipeline_parameter(pipeline, owner, params["checkpoint_root"]["componentInputParameter"]) == (
+            "checkpoint_root"
+        )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_deploy_may_reach_the_torchserve_inference_gateway(name: str) -> None:
+    pipeline, executors = spec(name), platform(name)
+    for _, task_name, executor in leaf_tasks(pipeline):
+        labels = executors[executor].get("podMetadata", {}).get("labels", {})
+        assert labels == ({"tfanet.io/torchserve-parity": "true"} if task_name == "deploy" else {}), task_name
 
 
 def test_multi_product_runs_the_chain_in_a_parallel_for_over_products() -> None:
@@ -163,8 +248,10 @@ def test_params_yaml_sections_travel_as_json_with_their_types() -> None:
     assert json.loads(args["promotion"]) == params["promotion"]
     multi = pipeline_arguments("multi_product", params, [])
     assert [item["product"] for item in multi["products"]] == list(params["products"])
+    retrain = pipeline_arguments("retrain_on_drift", params, ["fabric"])
+    assert json.loads(retrain["deploy_settings"]) == params["deploy"] and "deploy_settings" not in args
     checked = _checked(
-        "retrain_on_drift", args | {"dataset_uri": "s3://d/p", "dataset_version": "1", "drift_report": {}}
+        "retrain_on_drift", retrain | {"dataset_uri": "s3://d/p", "dataset_version": "1", "drift_report": {}}
     )
     assert checked["drift_report"] == "{}"
     with pytest.raises(ValueError, match="exactly one --product"):
@@ -206,7 +293,7 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     """`tfanet pipeline run-local`: kfp.local, tiny profile, a few epochs, the dataset read from the local S3."""
     from mlflow import MlflowClient
 
-    from components.kfp_io import publish_champion
+    from components.cluster_deploy import publish
     from components.serving.archive import read_manifest
     from components.storage import S3Settings, s3_client, upload_dir
     from tfanet_core.cli import main
@@ -242,7 +329,12 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     run = client.get_run(version.run_id)
     assert run.data.params["train.epochs"] == str(EPOCHS)
 
-    (run_dir,) = (tmp_path / "kfp").iterdir()
+    (run_dir,) = (p for p in (tmp_path / "kfp").iterdir() if p.name != "checkpoints")
+    trained = json.loads((run_dir / "train" / "executor_output.json").read_text())
+    model_metadata = trained["artifacts"]["model"]["artifacts"][0]["metadata"]
+    assert model_metadata["restored_checkpoints"] == []  # a new run starts fresh
+    assert model_metadata["checkpoints"].startswith(str(tmp_path / "kfp" / "checkpoints"))
+    assert not Path(model_metadata["checkpoints"]).exists()  # deleted once the training succeeded
     evaluated = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     logged = evaluated["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
@@ -252,10 +344,10 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     registry = json.loads((run_dir / "register" / "registry" / "registry.json").read_text())
     assert registry["version"] == "1" and registry["run_id"] == version.run_id
 
-    # The deploy component's work (a cluster-only task): the champion's archive alone under the product's prefix.
+    # The deploy component's first move (a cluster-only task): the champion's archive alone under the product's prefix.
     stale = f"torchserve/{product}/tfanet-{product}-v0.mar"
     s3.put_object(Bucket="dvc", Key=stale, Body=b"old")
-    record = publish_champion(product, "dvc", env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL_S3"])
+    record = publish(product, "1", "dvc", s3, client)
     key = f"torchserve/{product}/tfanet-{product}-v1.mar"
     assert record["archive"] == f"s3://dvc/{key}" and record["removed"] == [f"s3://dvc/{stale}"]
     listed = s3.list_objects_v2(Bucket="dvc", Prefix=f"torchserve/{product}/")["Contents"]
