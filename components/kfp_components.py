@@ -106,10 +106,11 @@ def select_template(
     dataset_version: str,
     params: str,
     s3_endpoint: str,
+    manifest: Input[Dataset],
     features: Input[Dataset],
     template: Output[Artifact],
 ) -> str:
-    """The template image (``template.json``); returns its dataset-relative path."""
+    """The template image (``template.json``) among the manifest's training images; returns its dataset path."""
     from components.kfp_io import run_step
 
     record = run_step(
@@ -118,7 +119,7 @@ def select_template(
         dataset_uri=dataset_uri,
         dataset_version=dataset_version,
         params=params,
-        inputs={"features": features},
+        inputs={"manifest": manifest, "features": features},
         outputs={"template": template},
         s3_endpoint=s3_endpoint,
     )
@@ -183,12 +184,12 @@ def evaluate(
     dataset_version: str,
     params: str,
     s3_endpoint: str,
+    manifest: Input[Dataset],
     model: Input[Model],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
 ) -> None:
-    """Test-split metrics (AUROC, AUPRO, F1-max, per defect type), curve plots and overlays."""
+    """Test-split metrics of the manifest's test rows (AUROC, AUPRO, F1-max, per defect type), plots, overlays."""
     from components.kfp_io import log_numbers, run_step
 
     result = run_step(
@@ -197,18 +198,11 @@ def evaluate(
         dataset_uri=dataset_uri,
         dataset_version=dataset_version,
         params=params,
-        inputs={"model": model},
+        inputs={"manifest": manifest, "model": model},
         outputs={"evaluation": evaluation},
         s3_endpoint=s3_endpoint,
     )
-    at = result.pop("at_threshold", None)  # absent when the trained bundle has no threshold
     log_numbers(metrics, result)
-    if at is not None:
-        confusion.log_confusion_matrix(
-            ["good", "anomalous"],
-            [[at["true_negatives"], at["false_positives"]], [at["false_negatives"], at["true_positives"]]],
-        )
-        confusion.metadata["threshold"] = at["threshold"]
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -218,12 +212,15 @@ def calibrate(
     dataset_version: str,
     params: str,
     s3_endpoint: str,
+    manifest: Input[Dataset],
     model: Input[Model],
     features: Input[Dataset],
+    evaluation: Input[Artifact],
     bundle: Output[Model],
     thresholds: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
 ) -> None:
-    """Thresholds at the target false-positive rate on the held-out normals: the bundle that is registered."""
+    """The one calibration: thresholds on the held-out normals, and the test counts at that very threshold."""
     from components.kfp_io import log_numbers, run_step
 
     summary = run_step(
@@ -232,11 +229,17 @@ def calibrate(
         dataset_uri=dataset_uri,
         dataset_version=dataset_version,
         params=params,
-        inputs={"model": model, "features": features},
+        inputs={"manifest": manifest, "model": model, "features": features, "evaluation": evaluation},
         outputs={"bundle": bundle},
         s3_endpoint=s3_endpoint,
     )
+    at = summary.pop("at_threshold")
     log_numbers(thresholds, summary)
+    confusion.log_confusion_matrix(
+        ["good", "anomalous"],
+        [[at["true_negatives"], at["false_positives"]], [at["false_negatives"], at["true_positives"]]],
+    )
+    confusion.metadata["threshold"] = at["threshold"]
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

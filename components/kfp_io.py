@@ -31,8 +31,8 @@ ARTIFACT_CONTENTS: dict[str, tuple[str, ...]] = {
     "features": ("features",),
     "template": ("template.json",),
     "model": ("model", "history.json"),
-    "evaluation": ("metrics.json", "plots", "overlays"),
-    "bundle": ("bundle", "calibration.json"),
+    "evaluation": ("metrics.json", "scores.json", "plots", "overlays"),
+    "bundle": ("bundle", "calibration.json", "calibration.png"),
     "registry": ("registry.json",),
 }
 

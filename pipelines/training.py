@@ -96,7 +96,7 @@ def training_chain(
     validated = _cpu(steps.validate(**data, rules=validate_rules))
     manifest = validated.outputs["manifest"]
     features = _cpu(steps.extract_features(**data, manifest=manifest)).outputs["features"]
-    template = _cpu(steps.select_template(**data, features=features)).outputs["template"]
+    template = _cpu(steps.select_template(**data, manifest=manifest, features=features)).outputs["template"]
     trained = _s3(
         steps.train(
             **data,
@@ -113,8 +113,11 @@ def training_chain(
     kubernetes.add_node_selector_json(trained, gpu_node_selector)
     kubernetes.add_toleration_json(trained, gpu_tolerations)
     model = trained.outputs["model"]
-    evaluated = _cpu(steps.evaluate(**data, model=model))
-    bundle = _cpu(steps.calibrate(**data, model=model, features=features)).outputs["bundle"]
+    evaluated = _cpu(steps.evaluate(**data, manifest=manifest, model=model))
+    calibrated = steps.calibrate(
+        **data, manifest=manifest, model=model, features=features, evaluation=evaluated.outputs["evaluation"]
+    )
+    bundle = _cpu(calibrated).outputs["bundle"]
     registered = steps.register(
         **data,
         promotion=promotion,

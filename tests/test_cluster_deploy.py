@@ -41,7 +41,7 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 
 def _train(synth_root: Path, out: Path, seed: int) -> Path:
-    from tfanet_core.training import train_category
+    from tfanet_core.workflow import train_category
 
     config = load_config("tiny", ["train.epochs=2", f"train.seed={seed}", "calibration.target_fpr=0.25"])
     train_category(synth_root, "fabric", config, out, device="cpu", progress=False)
