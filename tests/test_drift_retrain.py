@@ -208,7 +208,10 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     retrain = RetrainParams(mode="kfp", dataset_uri="s3://tfanet-data/datasets", kfp_host="http://kfp.invalid")
     images = sorted(window.glob("*.png"))[:3]
-    result = retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "drift check r1: x")
+    submit = pipelines.submit.submit_retrain  # what `tfanet drift check` hands the check (pipelines.cli)
+    result = retrain_kfp(
+        CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "drift check r1: x", submit
+    )
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="tfanet-data", Prefix="datasets/")["Contents"]}
     new = {f"datasets/fabric/train/good/drift-20261124T120000Z-{i:03d}.png" for i in range(3)}
@@ -232,5 +235,5 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
         and json.loads(args["params"])["data"]["category"] == CATEGORY
     )
     with pytest.raises(RetrainError, match="already uploaded"):
-        retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "again")
+        retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "again", submit)
     assert len(submitted) == 1
