@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 PRODUCT, CATEGORY = "drifting", "fabric"
 EPOCHS = 3
 REMOTE = "s3://dvc/drift-retrain"
+FIRST_BUNDLE = "first-bundle"  # in the project: the bundle registered as version 1, kept whatever runs later
 
 
 def drift_check(project: DvcProject, images: Path) -> tuple[int, dict[str, Any]]:
@@ -70,6 +71,7 @@ def project(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -
     shutil.rmtree(gen / "bracket")  # one product in the project's data/synth
     project = DvcProject.create(tmp_path_factory.mktemp("drift-project"), local_stack, params, gen, remote=REMOTE)
     project.repro(f"register@{PRODUCT}")
+    shutil.copytree(project.root / "runs" / PRODUCT / "bundle", project.root / FIRST_BUNDLE)  # v1, before retrains
     import mlflow
 
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])  # for download_bundle in this process
@@ -98,8 +100,8 @@ def test_drift_reference_travels_with_the_registered_champion(project: DvcProjec
     from tfanet_core.drift import REFERENCE_FILE, Reference
     from tfanet_core.predictor import Predictor
 
-    local = Reference.load(project.root / "runs" / PRODUCT / "bundle")
-    bundle = download_bundle(f"models:/tfanet-{PRODUCT}@champion", tmp_path)
+    local = Reference.load(project.root / FIRST_BUNDLE)
+    bundle = download_bundle(f"models:/tfanet-{PRODUCT}/1", tmp_path)
     registered = Reference.load(bundle / REFERENCE_FILE)
     np.testing.assert_array_equal(registered.embeddings, local.embeddings)
     assert len(registered.embeddings) == 80 and len(registered.scores) == 20  # train + val; val scores
