@@ -1,39 +1,14 @@
 """The drift check: score a window of production images with the champion, log it, retrain the product on drift.
 
-:func:`check` loads ``models:/tfanet-<product>@champion`` and the drift reference that travels inside its
-bundle (``drift_reference.npz``, written by the calibrate step), embeds and scores the window's images
-(a directory or an ``s3://`` prefix) in one backbone pass, and runs :func:`tfanet_core.drift.check_window`
-with params.yaml's ``drift:`` settings. Every check is one MLflow run of experiment ``tfanet-<product>-drift``:
-the p-values, MMD², PSI, reject rate and window size as metrics whose step is the check's UNIX time (the
-runs' charts are then a time series), the champion version and window source as params, the decision and
-its reason as tags, and a figure (the window's scores against the reference's, the p-values against the
-Bonferroni alpha).
-
-**Decision.** No drift: nothing else happens. Drift inside the cooldown (``retrain.cooldown_hours`` since
-the last trigger for this product): suppressed, and the reason names the last trigger. Drift otherwise: the
-trigger is recorded first (registered-model tag ``drift.last_retrain_at``, so every machine sees it, and a
-retrain that fails every time is not re-run at every check), then the retrain starts:
-
-* ``mode: dvc`` (one machine, run from the DVC project root): the window's images are copied into
-  ``<data.root>/<category>/train/good/drift-<UTC stamp>-NNN.<ext>`` (new files only; nothing existing is
-  modified or deleted), ``dvc add <data.root>`` + ``dvc push`` make that a new dataset version beside the old
-  one in the remote, and ``dvc repro register@<product>`` retrains, evaluates, calibrates and registers the
-  product. Not the deploy stage, which needs a running TorchServe: deploy the new champion with
-  ``tfanet deploy run`` (or ``dvc repro deploy@<product>``) where TorchServe runs. The check does not touch
-  git: commit ``<data.root>.dvc`` and ``dvc.lock`` afterwards to record the new version in the history.
-* ``mode: kfp`` (a cluster): the images are uploaded as new objects under
-  ``retrain.dataset_uri/<category>/train/good/drift-<UTC stamp>-NNN.<ext>`` (an existing key is never
-  overwritten; the previous version is the same prefix without that stamp's objects), then
-  ``pipelines.submit.submit("retrain_on_drift", ...)`` starts the cluster's retraining run with the product's
-  params, ``dataset_uri``, ``dataset_version`` (a hash of the prefix's object listing) and the drift reason.
-
-The window's images become *training normals*: point the check at production images that passed
-inspection, not at everything the line produced (a defective image taught as normal is learned as normal).
-Two checks starting within the same second can both trigger: the cooldown is a tag, not a lock.
+Each check is one MLflow run of experiment ``tfanet-<product>-drift``. A drift outside the cooldown records
+the trigger on the registered model, then retrains: here with DVC (``mode: dvc``) or by submitting the
+``retrain_on_drift`` pipeline through a submitter the caller passes in (``mode: kfp``). The window's images
+become training normals. Decision rules and both modes: docs/architecture.md §Drift and retraining.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -43,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +40,15 @@ __all__ = [
     "DriftDecision",
     "RetrainError",
     "RetrainParams",
+    "RetrainRequest",
+    "RetrainSubmitter",
+    "Window",
     "add_images",
     "check",
     "decide",
     "drift_experiment_name",
     "list_images",
+    "measure_window",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +96,25 @@ class RetrainParams:
     @property
     def cooldown(self) -> dt.timedelta:
         return dt.timedelta(hours=float(self.cooldown_hours))
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """A ``mode: kfp`` retrain to submit: the product, the whole params.yaml, the new dataset version and why."""
+
+    product: str
+    params: Mapping[str, Any]
+    dataset_uri: str
+    dataset_version: str
+    trigger: str  # becomes the training run's ``tfanet.trigger`` tag
+    host: str | None
+    experiment: str
+    run_name: str
+
+
+#: Submits a :class:`RetrainRequest` and returns the pipeline run's id, or raises :class:`RetrainError`.
+#: Passed in by the CLI layer (``pipelines.submit.submit_retrain``): a step does not know the pipelines that run it.
+RetrainSubmitter = Callable[[RetrainRequest], str]
 
 
 @dataclass
@@ -264,6 +262,7 @@ def retrain_kfp(
     stamp: str,
     params: Mapping[str, Any],
     trigger: str,
+    submit: RetrainSubmitter | None,
 ) -> dict[str, Any]:
     """Upload the window as new objects of the dataset prefix, then submit the ``retrain_on_drift`` pipeline.
 
@@ -276,6 +275,8 @@ def retrain_kfp(
 
     if not retrain.dataset_uri:
         raise RetrainError("retrain.mode is kfp but retrain.dataset_uri is not set: name the S3 dataset prefix")
+    if submit is None:
+        raise RetrainError("retrain.mode is kfp but no pipeline submitter was given: run it as `tfanet drift check`")
     bucket, prefix = parse_s3_uri(retrain.dataset_uri)
     client = s3_client()
     base = f"{prefix}/{category}".strip("/")
@@ -287,22 +288,19 @@ def retrain_kfp(
     for path, key in zip(images, keys, strict=True):
         client.upload_file(str(path), bucket, key)
     version = _s3_version(client, bucket, base)
-    from pipelines.submit import SubmitError, pipeline_arguments, submit
-
-    arguments = pipeline_arguments("retrain_on_drift", params, [product]) | {
-        "dataset_uri": retrain.dataset_uri,
-        "dataset_version": version,
-        "drift_report": trigger[:2000],
-    }
+    request = RetrainRequest(
+        product,
+        params,
+        retrain.dataset_uri,
+        version,
+        trigger,
+        retrain.kfp_host,
+        f"tfanet-{product}",
+        f"{product}-retrain-{stamp}",
+    )
     try:
-        run_id = submit(
-            "retrain_on_drift",
-            arguments,
-            host=retrain.kfp_host,
-            experiment=f"tfanet-{product}",
-            run_name=f"{product}-retrain-{stamp}",
-        )
-    except SubmitError as exc:  # the upload stays: name the version, so an operator can submit it by hand
+        run_id = submit(request)
+    except RetrainError as exc:  # the upload stays: name the version, so an operator can submit it by hand
         raise RetrainError(
             f"uploaded {len(keys)} images as dataset {version}, but the run was not submitted: {exc}"
         ) from exc
@@ -362,6 +360,98 @@ def _last_trigger(client: Any, name: str) -> dt.datetime | None:
 # --- the check ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Window:
+    """One window measured against the champion's drift reference."""
+
+    reference: Reference
+    images: list[Path]
+    scores: np.ndarray
+    report: DriftReport
+
+
+def measure_window(bundle: Path, source: str | Path, workdir: Path, config: DriftConfig) -> Window:
+    """Embed and score the window's images with the bundle in one backbone pass; test them against its reference."""
+    from tfanet_core.drift import check_window, measure
+    from tfanet_core.predictor import Predictor
+
+    reference = Reference.load(bundle)
+    images = list_images(source, workdir)
+    embeddings, scores = measure(Predictor.from_bundle(bundle, device="cpu", batch_size=16), images)
+    return Window(reference, images, scores, check_window(reference, embeddings, scores, config))
+
+
+@contextlib.contextmanager
+def _drift_run(
+    product: str,
+    champion: Any,
+    source: str | Path,
+    config: DriftConfig,
+    window: Window,
+    decision: str,
+    reason: str,
+    now: dt.datetime,
+) -> Iterator[Any]:
+    """The check's MLflow run: metrics stepped by the check's UNIX time (a time series), params, tags, figure."""
+    import mlflow
+
+    from components.tracking import TAG_PRODUCT
+
+    report = window.report
+    mlflow.set_experiment(drift_experiment_name(product))
+    tags = {TAG_PRODUCT: product, "drift.decision": decision, "drift.reason": reason[:5000]}
+    with mlflow.start_run(run_name=f"{product}-{_stamp(now)}", tags=tags) as run:
+        step = int(now.timestamp())
+        mlflow.log_metrics(_metrics(report), step=step, timestamp=step * 1000)
+        mlflow.log_params(
+            {
+                "champion_version": champion.version,
+                "champion_run_id": champion.run_id,
+                "window_source": str(source)[:500],
+                "n_images": len(window.images),
+                "mmd_null": report.mmd_null,
+            }
+            | {f"drift.{k}": v for k, v in dataclasses.asdict(config).items()}
+        )
+        mlflow.log_figure(plot_window(window.reference, window.scores, report), "drift.png")
+        yield run
+
+
+def _retrain(
+    result: DriftDecision,
+    images: Sequence[Path],
+    retrain: RetrainParams,
+    stamp: str,
+    trigger: str,
+    *,
+    project: Path,
+    data_root: Path,
+    category: str,
+    runs: Path,
+    params: Mapping[str, Any],
+    submit: RetrainSubmitter | None,
+) -> None:
+    """Start the retrain ``retrain.mode`` names; a failure becomes the decision ``retrain_failed``, not a raise."""
+    import mlflow
+
+    try:
+        if retrain.mode == "dvc":
+            result.retrain = retrain_dvc(result.product, images, project, data_root, category, runs, stamp)
+        else:
+            result.retrain = retrain_kfp(result.product, images, category, retrain, stamp, params, trigger, submit)
+    except (RetrainError, OSError) as exc:
+        result.decision, result.reason = RETRAIN_FAILED, f"{result.reason}; retrain failed: {exc}"
+        mlflow.set_tags({"drift.decision": RETRAIN_FAILED, "drift.reason": result.reason[:5000]})
+
+
+def _write_record(path: Path, result: DriftDecision) -> None:
+    """The decision JSON, replaced atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = path.with_name(path.name + ".tmp")
+    tmp_file.write_text(json.dumps(result.to_json(), indent=2, sort_keys=True, default=str) + "\n")
+    tmp_file.replace(path)
+
+
 def check(
     product: str,
     source: str | Path,
@@ -376,92 +466,66 @@ def check(
     params: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
     now: dt.datetime | None = None,
+    submit: RetrainSubmitter | None = None,
 ) -> DriftDecision:
     """Check one window of ``product``'s production images against its champion; retrain on drift (see module doc).
 
     ``project``, ``data_root`` (relative to it, as in params.yaml) and ``runs`` matter for ``mode: dvc`` only,
-    ``params`` (the whole params.yaml, for the pipeline's arguments) for ``mode: kfp`` only.
+    ``params`` (the whole params.yaml, for the pipeline's arguments) and ``submit`` for ``mode: kfp`` only.
     ``record``: where the decision JSON goes. Raises on a missing champion, reference or window; a failed
     retrain is a decision (``retrain_failed``), logged like the others.
     """
     import mlflow
     from mlflow import MlflowClient
 
-    from components.tracking import CHAMPION, TAG_PRODUCT, download_bundle, registered_model_name
-    from tfanet_core.drift import check_window, measure
-    from tfanet_core.predictor import Predictor
+    from components.tracking import CHAMPION, download_bundle, registered_model_name
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     now = now or dt.datetime.now(dt.UTC)
-    category = category or product
     client = MlflowClient()
     name = registered_model_name(product)
     champion = client.get_model_version_by_alias(name, CHAMPION)
     with tempfile.TemporaryDirectory(prefix=f"tfanet-drift-{product}-") as tmp:
         work = Path(tmp)
-        bundle = download_bundle(f"models:/{name}/{champion.version}", work / "model")
-        reference = Reference.load(bundle)
-        images = list_images(source, work)
-        predictor = Predictor.from_bundle(bundle, device="cpu", batch_size=16)
-        embeddings, scores = measure(predictor, images)
-        report = check_window(reference, embeddings, scores, config)
+        window = measure_window(
+            download_bundle(f"models:/{name}/{champion.version}", work / "model"), source, work, config
+        )
         last = _last_trigger(client, name)
-        decision, reason = decide(report, last, now, retrain)
-
-        mlflow.set_experiment(drift_experiment_name(product))
-        tags = {TAG_PRODUCT: product, "drift.decision": decision, "drift.reason": reason[:5000]}
-        with mlflow.start_run(run_name=f"{product}-{_stamp(now)}", tags=tags) as run:
-            step = int(now.timestamp())
-            mlflow.log_metrics(_metrics(report), step=step, timestamp=step * 1000)
-            mlflow.log_params(
-                {
-                    "champion_version": champion.version,
-                    "champion_run_id": champion.run_id,
-                    "window_source": str(source)[:500],
-                    "n_images": len(images),
-                    "mmd_null": report.mmd_null,
-                }
-                | {f"drift.{k}": v for k, v in dataclasses.asdict(config).items()}
-            )
-            mlflow.log_figure(plot_window(reference, scores, report), "drift.png")
+        decision, reason = decide(window.report, last, now, retrain)
+        with _drift_run(product, champion, source, config, window, decision, reason, now) as run:
             result = DriftDecision(
                 product,
                 decision,
                 reason,
-                report.drift,
+                window.report.drift,
                 _iso(now),
                 str(source),
-                len(images),
+                len(window.images),
                 str(champion.version),
                 drift_run_id=run.info.run_id,
                 last_retrain_at=_iso(last) if last else None,
-                report=report.to_dict(),
+                report=window.report.to_dict(),
             )
             if decision == RETRAIN_TRIGGERED:
                 client.set_registered_model_tag(name, LAST_RETRAIN_TAG, _iso(now))
-                try:
-                    if retrain.mode == "dvc":
-                        root = Path(project)
-                        result.retrain = retrain_dvc(
-                            product, images, root, Path(data_root), category, Path(runs), _stamp(now)
-                        )
-                    else:
-                        trigger = f"drift check {run.info.run_id}: {reason}"
-                        result.retrain = retrain_kfp(
-                            product, images, category, retrain, _stamp(now), params or {}, trigger
-                        )
-                except (RetrainError, OSError) as exc:
-                    result.decision, result.reason = RETRAIN_FAILED, f"{reason}; retrain failed: {exc}"
-                    mlflow.set_tags({"drift.decision": RETRAIN_FAILED, "drift.reason": result.reason[:5000]})
+                _retrain(
+                    result,
+                    window.images,
+                    retrain,
+                    _stamp(now),
+                    f"drift check {run.info.run_id}: {reason}",
+                    project=Path(project),
+                    data_root=Path(data_root),
+                    category=category or product,
+                    runs=Path(runs),
+                    params=params or {},
+                    submit=submit,
+                )
             mlflow.log_dict(result.to_json(), "decision.json")
     client.set_registered_model_tag(name, "drift.last_check_at", _iso(now))
     client.set_registered_model_tag(name, "drift.last_decision", result.decision)
     log.info("%s: %s (%s)", name, result.decision, result.reason)
     if record is not None:
-        path = Path(record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = path.with_name(path.name + ".tmp")
-        tmp_file.write_text(json.dumps(result.to_json(), indent=2, sort_keys=True, default=str) + "\n")
-        tmp_file.replace(path)
+        _write_record(Path(record), result)
     return result

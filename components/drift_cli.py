@@ -1,6 +1,6 @@
 """``tfanet drift check --product P --images DIR|s3://…``: the drift check and its retrain trigger.
 
-Registered in the ``tfanet.commands`` entry-point group (pyproject.toml). Run from the DVC project root:
+Registered through ``pipelines.cli.register_drift`` (it passes the kfp submitter in). Run from the DVC project root:
 the window tests come from params.yaml's ``drift:`` section, what a drift triggers from ``retrain:``
 (``cooldown_hours``, ``mode: dvc|kfp``, ``kfp_host``, ``dataset_uri``); MLflow is whatever
 ``MLFLOW_TRACKING_URI`` names. Prints the decision as JSON (stdout carries nothing else; MLflow's run links go to
@@ -15,15 +15,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from components.drift_check import RetrainSubmitter
 
 EXIT_NO_DRIFT, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 
 
-def run_check(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace, submit: RetrainSubmitter | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from components import steps
@@ -53,6 +58,7 @@ def run_check(args: argparse.Namespace) -> int:
                 runs=args.runs,
                 record=args.out or args.params.parent / args.runs / args.product / "drift.json",
                 params=params,
+                submit=submit,
             )
     except MlflowException as exc:  # no champion, a server error: a message, not a traceback (tfanet's
         # main turns ValueError / FileNotFoundError into exit 2 with the message likewise)
@@ -64,8 +70,9 @@ def run_check(args: argparse.Namespace) -> int:
     return EXIT_NO_DRIFT if decision.decision == NO_DRIFT else EXIT_DRIFT
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Entry point of the ``tfanet.commands`` group: adds ``tfanet drift check``."""
+def register(subparsers: argparse._SubParsersAction, submit: RetrainSubmitter | None = None) -> None:
+    """Adds ``tfanet drift check``; ``submit`` starts a ``mode: kfp`` retrain. The ``tfanet.commands`` entry point
+    is ``pipelines.cli.register_drift``, which passes the pipelines' submitter in (components never import them)."""
     p = subparsers.add_parser(
         "drift",
         help="check a window of production images for drift against the champion; retrain on drift",
@@ -88,4 +95,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=Path, default=Path("runs"), help="outputs root (default: %(default)s)")
     p.add_argument("--mode", choices=("dvc", "kfp"), help="override params.yaml retrain.mode")
     p.add_argument("--out", type=Path, help="decision JSON (default: RUNS/<product>/drift.json)")
-    p.set_defaults(func=run_check)
+    p.set_defaults(func=functools.partial(run_check, submit=submit))

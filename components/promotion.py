@@ -1,6 +1,6 @@
 """The promotion gate: the registry alias ``champion`` moves only to a candidate that is not worse.
 
-Rule (DESIGN §4): every gate metric of the candidate (higher is better: AUROC, AUPRO, F1) is
+Rule (docs/architecture.md §Promotion): every gate metric of the candidate (higher is better: AUROC, AUPRO, F1) is
 at least the champion's minus ``tolerance``, **on the same dataset version** — test metrics
 on different test sets say nothing about which model is better. So when the champion was
 evaluated on another dataset version (new data arrived, drift retraining), the gate does not
@@ -26,6 +26,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.tracking import (
@@ -145,63 +146,87 @@ def promote(
         raise ValueError("probe_images need bundle_dir: the local bundle whose scores the registered model must match")
     client = MlflowClient()
     name = registered_model_name(product)
-    try:
-        cand = (
-            client.get_model_version(name, str(version))
-            if version is not None
-            else client.get_model_version_by_alias(name, CANDIDATE)
-        )
-    except MlflowException as exc:
-        raise ValueError(
-            f"no {'version ' + str(version) if version else 'candidate'} of {name}: log a run first"
-        ) from exc
+    cand = _candidate(client, name, version)
     champ = version_by_alias(client, name, CHAMPION)
     if champ is not None and champ.version == cand.version:
         return Decision(
             "promoted", f"version {cand.version} already is the champion", name, cand.version, champ.version
         )
-
-    cand_dataset = cand.tags.get(TAG_DATASET)
-    comparisons: list[Comparison] = []
-    if champ is None:
-        decision, reason = "promoted", "first model version: no champion yet"
-    else:
-        champ_dataset = champ.tags.get(TAG_DATASET)
-        if champion_metrics is not None:
-            baseline = flatten_metrics(champion_metrics)
-            basis = f"champion v{champ.version} re-evaluated on dataset {cand_dataset}"
-        elif champ_dataset == cand_dataset:
-            baseline = dict(client.get_run(champ.run_id).data.metrics)
-            basis = f"same dataset version {cand_dataset} as champion v{champ.version}"
-        else:
-            baseline = None
-            basis = ""
-        if baseline is None:
-            decision = "blocked"
-            reason = (
-                f"champion v{champ.version} was tested on dataset {champ_dataset}, candidate v{cand.version} on "
-                f"{cand_dataset}: their metrics are not comparable. Evaluate the champion's bundle on {cand_dataset} "
-                f"(tfanet evaluate) and pass its metrics.json as champion_metrics"
-            )
-        else:
-            comparisons = compare(dict(client.get_run(cand.run_id).data.metrics), baseline, policy)
-            if not any(c.passed is not None for c in comparisons):
-                decision = "rejected"
-                reason = f"no gate metric {list(policy.metrics)} is defined for champion v{champ.version} ({basis})"
-            elif all(c.passed is not False for c in comparisons):
-                decision = "promoted"
-                reason = f"not worse than the champion within tolerance {policy.tolerance:g} ({basis})"
-            else:
-                decision = "rejected"
-                reason = f"{_why_not(comparisons, policy.tolerance)} ({basis})"
-
+    decision, reason, comparisons = _judge(client, cand, champ, policy, champion_metrics)
     if decision == "promoted" and probe_images:
         assert bundle_dir is not None
         diff = max_score_difference(f"models:/{name}/{cand.version}", probe_images, bundle_dir)
         if diff > PROBE_TOLERANCE:
             decision = "rejected"
             reason = f"the registered model's scores differ from its bundle's by up to {diff:.3g} on the probe images"
+    _record(client, name, cand.version, champ, decision, reason, policy)
+    return Decision(decision, reason, name, cand.version, champ.version if champ else None, tuple(comparisons))
 
+
+def _candidate(client: MlflowClient, name: str, version: str | int | None) -> ModelVersion:
+    """The version to gate: ``version`` if given, else the one the alias ``candidate`` names."""
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, CANDIDATE)
+    except MlflowException as exc:
+        raise ValueError(
+            f"no {'version ' + str(version) if version else 'candidate'} of {name}: log a run first"
+        ) from exc
+
+
+def _baseline(
+    client: MlflowClient, cand: ModelVersion, champ: ModelVersion, champion_metrics: Mapping[str, Any] | None
+) -> tuple[dict[str, float | None] | None, str]:
+    """(the champion's metrics on the candidate's dataset version, in words where they come from), or (None, "")
+    when the champion was tested on another dataset version and no re-evaluation was passed."""
+    cand_dataset = cand.tags.get(TAG_DATASET)
+    if champion_metrics is not None:
+        return flatten_metrics(champion_metrics), f"champion v{champ.version} re-evaluated on dataset {cand_dataset}"
+    if champ.tags.get(TAG_DATASET) == cand_dataset:
+        basis = f"same dataset version {cand_dataset} as champion v{champ.version}"
+        return dict(client.get_run(champ.run_id).data.metrics), basis
+    return None, ""
+
+
+def _judge(
+    client: MlflowClient,
+    cand: ModelVersion,
+    champ: ModelVersion | None,
+    policy: GatePolicy,
+    champion_metrics: Mapping[str, Any] | None,
+) -> tuple[str, str, list[Comparison]]:
+    """(decision, reason, comparisons) of the metric gate, before any probe check."""
+    if champ is None:
+        return "promoted", "first model version: no champion yet", []
+    baseline, basis = _baseline(client, cand, champ, champion_metrics)
+    if baseline is None:
+        reason = (
+            f"champion v{champ.version} was tested on dataset {champ.tags.get(TAG_DATASET)}, candidate "
+            f"v{cand.version} on {cand.tags.get(TAG_DATASET)}: their metrics are not comparable. Evaluate the "
+            f"champion's bundle on {cand.tags.get(TAG_DATASET)} (tfanet evaluate) and pass its metrics.json as "
+            "champion_metrics"
+        )
+        return "blocked", reason, []
+    comparisons = compare(dict(client.get_run(cand.run_id).data.metrics), baseline, policy)
+    if not any(c.passed is not None for c in comparisons):
+        reason = f"no gate metric {list(policy.metrics)} is defined for champion v{champ.version} ({basis})"
+        return "rejected", reason, comparisons
+    if all(c.passed is not False for c in comparisons):
+        return "promoted", f"not worse than the champion within tolerance {policy.tolerance:g} ({basis})", comparisons
+    return "rejected", f"{_why_not(comparisons, policy.tolerance)} ({basis})", comparisons
+
+
+def _record(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    champ: ModelVersion | None,
+    decision: str,
+    reason: str,
+    policy: GatePolicy,
+) -> None:
+    """Every decision as ``promotion.*`` tags on the candidate; ``champion`` moves only on a promotion."""
     tags = {
         "promotion.decision": decision,
         "promotion.reason": reason,
@@ -211,7 +236,6 @@ def promote(
         "promotion.decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     for key, value in tags.items():
-        client.set_model_version_tag(name, cand.version, key, value)
+        client.set_model_version_tag(name, version, key, value)
     if decision == "promoted":
-        client.set_registered_model_alias(name, CHAMPION, cand.version)
-    return Decision(decision, reason, name, cand.version, champ.version if champ else None, tuple(comparisons))
+        client.set_registered_model_alias(name, CHAMPION, version)

@@ -3,7 +3,7 @@
 One implementation for the CLI (``python -m infra.local.stack`` / ``python -m components.stack``),
 the demo and the test fixtures, because the fiddly parts are the same everywhere: every port
 free or pinned, a health check instead of a sleep, idempotent start, and a stop that kills the
-whole process group of exactly the process we started (never by name). It lives in
+whole process group of exactly the process we started (never by name; :mod:`components.supervisor`). It lives in
 ``components`` rather than ``infra/`` because ``components`` is an installed package, so the
 tests and pipelines import it from anywhere in the venv.
 
@@ -35,17 +35,18 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from components import supervisor
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -99,56 +100,12 @@ class ServiceStatus:
     log: str
 
 
-# --------------------------------------------------------------------------- processes (Linux /proc)
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (index 0 = state, 2 = pgrp, 19 = starttime)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    """Kernel start time of a live (non-zombie) process: with the PID it identifies one process for ever."""
-    stat = _proc_stat(pid)
-    return int(stat[19]) if stat and stat[0] not in ("Z", "X") else None
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid`` (zombies excluded: they are gone, only not yet reaped)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
+# --------------------------------------------------------------------------- files
 def _write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (it holds the S3 secret), never briefly world-readable."""
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
     path.chmod(0o600)  # an older file keeps its mode through O_TRUNC
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except FileNotFoundError:
-        return "(no log written)"
-    return "\n".join("    " + line for line in text)
 
 
 # --------------------------------------------------------------------------- ports
@@ -308,7 +265,7 @@ class LocalStack:
 
     def _running(self, name: str, state: dict[str, Any]) -> bool:
         rec = state["processes"].get(name)
-        return bool(rec) and _start_time(rec["pid"]) == rec["start_time"]
+        return bool(rec) and supervisor.start_time(rec["pid"]) == rec["start_time"]
 
     def status(self) -> dict[str, ServiceStatus]:
         state = self.load_state()
@@ -338,10 +295,11 @@ class LocalStack:
                 rec = state["processes"].get(name)
                 needs_restart = name == "mlflow" and rec is not None and rec.get("s3_port") != state["ports"]["s3"]
                 if self._running(name, state) and not needs_restart:
-                    if not _wait(lambda n=name: self._healthy(n, state), timeout):
+                    if not supervisor.wait(lambda n=name: self._healthy(n, state), timeout):
+                        logfile = self._logs()[name]
                         raise StackError(
                             f"{name} (pid {rec['pid']}) is running but not healthy after {timeout:.0f} s; "
-                            f"stop the stack and start it again. Log {self._logs()[name]}:\n{_tail(self._logs()[name])}"
+                            f"stop the stack and start it again. Log {logfile}:\n{supervisor.tail(logfile)}"
                         )
                 else:
                     self._stop_service(name, state)  # a stale record, or orphans of a crashed run
@@ -451,34 +409,24 @@ class LocalStack:
         self._allocate(name, state)
         cmd, env, cwd = self._command(name, state)
         logfile = self._logs()[name]
-        with open(logfile, "ab") as out:
-            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc, rec = supervisor.launch(cmd, cwd=cwd, env=env, log=logfile)
         self._children[name] = proc
-        start_time = _start_time(proc.pid)
-        state["processes"][name] = {"pid": proc.pid, "start_time": start_time, "s3_port": state["ports"]["s3"]}
+        state["processes"][name] = {"pid": rec.pid, "start_time": rec.start_time, "s3_port": state["ports"]["s3"]}
         self._save_state(state)  # before waiting: a crash from here on still leaves a stoppable record
         url = f"http://{HOST}:{state['ports'][name]}"
         log.info(
             "started %s (pid %d) on %s; waiting for it to be healthy (MLflow: 30-50 s on a new DB)", name, proc.pid, url
         )
         t0 = time.monotonic()
-        healthy = _wait(lambda: proc.poll() is not None or self._healthy(name, state), timeout, interval=0.5)
-        if proc.poll() is not None:
+        outcome = supervisor.wait_ready(lambda: self._healthy(name, state), lambda: proc.poll() is None, timeout)
+        if outcome == "exited":
             raise StackError(
-                f"{name} exited with code {proc.returncode} while starting. Log {logfile}:\n{_tail(logfile)}"
+                f"{name} exited with code {proc.returncode} while starting. Log {logfile}:\n{supervisor.tail(logfile)}"
             )
-        if not healthy:
-            raise StackError(f"{name} did not become healthy within {timeout:.0f} s. Log {logfile}:\n{_tail(logfile)}")
+        if outcome == "timeout":
+            raise StackError(
+                f"{name} did not become healthy within {timeout:.0f} s. Log {logfile}:\n{supervisor.tail(logfile)}"
+            )
         state["processes"][name]["ready_seconds"] = round(time.monotonic() - t0, 1)
         self._save_state(state)
         log.info("%s healthy after %.1f s", name, state["processes"][name]["ready_seconds"])
@@ -494,37 +442,16 @@ class LocalStack:
         rec = state["processes"].get(name)
         if not rec:
             return False
-        pgid = rec["pid"]
-        now = _start_time(pgid)
-        stopped = False
-        if now is not None and now != rec["start_time"]:
-            log.warning("pid %d is no longer our %s (the PID was reused): not signalling it", pgid, name)
-        elif _group_members(pgid):
-            # Members outlive a dead leader only as our own orphans: Linux never hands out a PID
-            # equal to an existing process group id, so this group is still the one we created.
-            self._signal_group(pgid, signal.SIGTERM)
-            if not _wait(lambda: self._gone(name, pgid), timeout):
-                log.warning("%s (pgid %d) ignored SIGTERM for %.0f s: sending SIGKILL", name, pgid, timeout)
-                self._signal_group(pgid, signal.SIGKILL)
-                if not _wait(lambda: self._gone(name, pgid), 10.0):
-                    raise StackError(f"{name} (process group {pgid}) survived SIGKILL; check `ps -g {pgid}`")
-            stopped = True
-            log.info("stopped %s (pgid %d)", name, pgid)
+        try:
+            stopped = supervisor.stop(
+                supervisor.Supervised(rec["pid"], rec["start_time"]), name, timeout, self._children.get(name)
+            )
+        except supervisor.SupervisorError as exc:
+            raise StackError(str(exc)) from None
         del state["processes"][name]
         self._children.pop(name, None)
         self._save_state(state)
         return stopped
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-
-    def _gone(self, name: str, pgid: int) -> bool:
-        child = self._children.get(name)
-        if child is not None:
-            child.poll()  # reap our own child, or it stays a zombie
-        return not _group_members(pgid)
 
 
 def _executable(name: str, package: str) -> str:

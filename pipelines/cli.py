@@ -1,6 +1,7 @@
 """``tfanet pipeline compile|submit|run-local``: the Kubeflow pipelines from the command line.
 
-Registered in the ``tfanet.commands`` entry-point group (pyproject.toml). ``submit`` and
+Registered in the ``tfanet.commands`` entry-point group (pyproject.toml), as is ``tfanet drift`` (its
+parser is ``components.drift_cli``; this layer hands it the pipeline submitter). ``submit`` and
 ``run-local`` fill the pipeline's ``params``/``promotion``/``validate_rules`` from params.yaml for
 the ``--product`` given; ``--param NAME=VALUE`` sets (or overrides) any parameter, and
 ``--dvc-file`` takes ``dataset_version`` from a ``.dvc`` file. Errors are one line on stderr, exit 2.
@@ -13,9 +14,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines import COMPILED, NAMES
+
+if TYPE_CHECKING:
+    from components.drift_check import RetrainRequest
 
 
 def _key_values(pairs: list[str]) -> dict[str, str]:
@@ -88,6 +92,19 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"pipeline": "training", "product": arguments["product"], **outputs}))
     return 0
+
+
+def _submit_retrain(request: RetrainRequest) -> str:
+    from pipelines.submit import submit_retrain
+
+    return submit_retrain(request)
+
+
+def register_drift(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point of the ``tfanet.commands`` group: ``tfanet drift check``, able to submit ``retrain_on_drift``."""
+    from components.drift_cli import register
+
+    register(subparsers, submit=_submit_retrain)
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,10 @@
 """Submit a compiled pipeline to Kubeflow Pipelines: :func:`submit`, and the arguments params.yaml implies.
 
 :func:`submit` is the stable entry point for other code (``tfanet drift check`` submits
-``retrain_on_drift`` through it). It checks the arguments against the compiled pipeline's inputs
-before contacting anything, so a typo fails here and not in a pod; values of string inputs that
-are dicts or lists are sent as JSON (the pipelines take params.yaml sections as JSON strings).
+``retrain_on_drift`` through :func:`submit_retrain`, which its CLI hands to the check). It checks
+the arguments against the compiled pipeline's inputs before contacting anything, so a typo fails
+here and not in a pod; values of string inputs that are dicts or lists are sent as JSON (the
+pipelines take params.yaml sections as JSON strings).
 """
 
 from __future__ import annotations
@@ -14,13 +15,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipelines.compile import compiled_path
 
-__all__ = ["HOST_VARIABLE", "SubmitError", "dvc_version", "pipeline_arguments", "pipeline_inputs", "submit"]
+if TYPE_CHECKING:
+    from components.drift_check import RetrainRequest
+
+__all__ = [
+    "HOST_VARIABLE",
+    "SubmitError",
+    "dvc_version",
+    "pipeline_arguments",
+    "pipeline_inputs",
+    "submit",
+    "submit_retrain",
+]
 
 HOST_VARIABLE = "KFP_HOST"
 PER_PRODUCT = ("training", "retrain_on_drift")
@@ -111,6 +123,23 @@ def submit(
     except ApiException as exc:
         raise SubmitError(f"Kubeflow Pipelines at {host} refused the run: {exc.status} {exc.reason}") from exc
     return str(result.run_id)
+
+
+def submit_retrain(request: RetrainRequest) -> str:
+    """The drift check's ``mode: kfp`` submitter: a ``retrain_on_drift`` run on the new dataset version."""
+    from components.drift_check import RetrainError
+
+    arguments = pipeline_arguments("retrain_on_drift", request.params, [request.product]) | {
+        "dataset_uri": request.dataset_uri,
+        "dataset_version": request.dataset_version,
+        "drift_report": request.trigger[:2000],
+    }
+    try:
+        return submit(
+            "retrain_on_drift", arguments, host=request.host, experiment=request.experiment, run_name=request.run_name
+        )
+    except SubmitError as exc:
+        raise RetrainError(str(exc)) from exc
 
 
 def dvc_version(dvc_file: Path | str) -> str:

@@ -19,14 +19,13 @@ from tfanet_core.cache import (
     FeatureCache,
     default_cache_dir,
     entry_key,
-    extractor_namespace,
     parse_size,
     resolve_cache_dir,
 )
 from tfanet_core.cli import main
 from tfanet_core.config import Config, load_config
 from tfanet_core.data.manifest import build_manifest
-from tfanet_core.features import FeatureExtractor, extract_features
+from tfanet_core.features import FeatureExtractor, cache_namespace, extract_features
 from tfanet_core.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +143,7 @@ def test_key_is_content_and_backbone_not_path_or_feature_size(
 
 def test_unloaded_backbone_is_never_cached(tiny_config: Config) -> None:
     with pytest.raises(ValueError, match="load_weights=False"):
-        extractor_namespace(FeatureExtractor(tiny_config.features, load_weights=False))
+        cache_namespace(FeatureExtractor(tiny_config.features, load_weights=False))
 
 
 def test_float16_error_on_features_and_scores(

@@ -1,12 +1,14 @@
 """The local MLOps chain end to end: `dvc repro` of dvc.yaml on the synthetic data, real MLflow + SeaweedFS.
 
 One temporary DVC project (a git repo with this repository's dvc.yaml and params.yaml, the tiny
-profile cut to a few epochs) goes through the scenarios in order, as a user would: the first
-run registers a champion and serves it on TorchServe; a second run does nothing; a worse training
-setting re-runs only train and what follows, is not promoted, and the served model stays; a run
-killed in the middle of training finishes on the next `dvc repro`; a new dataset version is
-pushed beside the old one. The working tree is never touched. The browser test opens the MLflow UI
-of the same server in headless Chromium.
+profile cut to a few epochs) goes through the scenarios a user meets: the first run registers a
+champion and serves it on TorchServe; a second run does nothing; a worse training setting re-runs
+only train and what follows, is not promoted, and the served model stays; a run killed in the
+middle of training finishes on the next `dvc repro`; a new dataset version is pushed beside the
+old one. The scenarios share the project but not an order: each sets the params it needs and
+asserts on what it changed (versions relative to the one before it, the first run's outputs from
+a snapshot taken right after it). The working tree is never touched. The browser test opens the
+MLflow UI of the same server in headless Chromium.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +52,41 @@ def project(
     )
 
 
+@dataclass(frozen=True)
+class FirstRun:
+    """The first `dvc repro`: the stages it ran, a copy of its runs/ and the champions right after it."""
+
+    ran: set[str]
+    runs: Path
+    champions: dict[str, str]
+
+    def json(self, product: str, name: str) -> dict[str, Any]:
+        return json.loads((self.runs / product / name).read_text())
+
+
 @pytest.fixture(scope="module")
-def first_run(project: DvcProject) -> set[str]:
+def first_run(project: DvcProject, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     """The first `dvc repro`, committed in the temporary repo so that `dvc params diff` has a baseline."""
+    from mlflow import MlflowClient
+
     ran = project.repro()
     project.run("git", "add", "-A")
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "first run")
-    return ran
+    runs = tmp_path_factory.mktemp("first-run") / "runs"
+    shutil.copytree(project.root / "runs", runs)
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
+    champions = {p: client.get_model_version_by_alias(f"tfanet-{p}", "champion").version for p in ("fabric", "bracket")}
+    return FirstRun(ran, runs, champions)
 
 
-def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run: set[str]) -> None:
+def _latest_version(project: DvcProject, product: str) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
+    return max(int(v.version) for v in client.search_model_versions(f"name='tfanet-{product}'"))
+
+
+def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run: FirstRun) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -66,16 +94,16 @@ def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run:
     from components.steps import ProductPaths, _probe_images
 
     steps = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register", "deploy")
-    assert first_run == {f"{s}@{p}" for s in steps for p in ("fabric", "bracket")}
+    assert first_run.ran == {f"{s}@{p}" for s in steps for p in ("fabric", "bracket")}
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     for product in ("fabric", "bracket"):
-        record = project.registry(product)
+        record = first_run.json(product, "registry.json")
         assert (record["version"], record["decision"]) == ("1", "promoted")
-        champion = client.get_model_version_by_alias(f"tfanet-{product}", "champion")
-        assert champion.version == "1" and champion.run_id == record["run_id"]
+        assert first_run.champions[product] == "1"
+        assert client.get_model_version(f"tfanet-{product}", "1").run_id == record["run_id"]
         run = client.get_run(record["run_id"])
-        metrics = json.loads((project.root / "runs" / product / "metrics.json").read_text())
+        metrics = first_run.json(product, "metrics.json")
         for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
             assert run.data.metrics[name] == pytest.approx(metrics[name])
         assert run.data.params["train.epochs"] == str(EPOCHS)
@@ -83,12 +111,14 @@ def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run:
         artifacts = {a.path for a in client.list_artifacts(record["run_id"], "evaluation")}
         assert {"evaluation/plots", "evaluation/overlays", "evaluation/calibration.json"} <= artifacts
         assert "roc.png" in {Path(a.path).name for a in client.list_artifacts(record["run_id"], "evaluation/plots")}
-    paths = ProductPaths.of(project.root / "runs", "fabric")
+    paths = ProductPaths.of(first_run.runs, "fabric")
     probes = _probe_images(project.root / "data" / "synth", "fabric")
-    assert max_score_difference("models:/tfanet-fabric@champion", probes, paths.bundle) < 1e-4
-    assert json.loads((paths.root / "history.json").read_text())[-1]["epoch"] == EPOCHS
-    shown = project.run(DVC, "metrics", "show", "--json").stdout
-    assert json.loads(shown)[""]["data"]["runs/fabric/metrics.json"]["data"]["image_auroc"] > 0.5
+    assert max_score_difference("models:/tfanet-fabric/1", probes, paths.bundle) < 1e-4
+    assert first_run.json("fabric", "history.json")[-1]["epoch"] == EPOCHS
+    shown = json.loads(project.run(DVC, "metrics", "show", "--json").stdout)[""]["data"]["runs/fabric/metrics.json"]
+    current = json.loads((project.root / "runs" / "fabric" / "metrics.json").read_text())
+    assert shown["data"]["image_auroc"] == pytest.approx(current["image_auroc"])
+    assert first_run.json("fabric", "metrics.json")["image_auroc"] > 0.5
 
 
 def _served(project: DvcProject, product: str) -> dict[str, Any]:
@@ -103,51 +133,62 @@ def _served(project: DvcProject, product: str) -> dict[str, Any]:
     return resp.json()
 
 
-def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first_run: set[str]) -> None:
-    from components.steps import ProductPaths, _probe_images
+def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first_run: FirstRun, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from components.steps import _probe_images
+    from components.tracking import download_bundle
     from tfanet_core.predictor import Predictor
 
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
     for product in ("fabric", "bracket"):
-        deployed = json.loads((project.root / "runs" / product / "deploy.json").read_text())
+        deployed = first_run.json(product, "deploy.json")
         assert (deployed["status"], deployed["serving"], deployed["champion"]) == ("deployed", "1", "1")
         assert deployed["parity_max_abs_diff"] < 1e-4
+        champion = client.get_model_version_by_alias(f"tfanet-{product}", "champion").version  # now, after any test
         answer = _served(project, product)
-        assert (answer["product"], answer["model_version"]) == (product, "1")
+        assert (answer["product"], answer["model_version"]) == (product, champion)
         [bad] = _probe_images(project.root / "data" / "synth", product)[1:]
-        bundle = ProductPaths.of(project.root / "runs", product).bundle
+        bundle = download_bundle(f"models:/tfanet-{product}/{champion}", tmp_path / product)
         assert answer["score"] == pytest.approx(Predictor.from_bundle(bundle).predict_paths([bad])[0].score, abs=1e-4)
 
 
-def test_second_repro_runs_nothing(project: DvcProject, first_run: set[str]) -> None:
+def test_second_repro_runs_nothing(project: DvcProject, first_run: FirstRun) -> None:
+    project.repro()  # whatever another scenario changed last is brought up to date first
     assert project.repro() == set()
 
 
 def test_worse_training_param_reruns_train_and_downstream_and_is_not_promoted(
-    project: DvcProject, first_run: set[str]
+    project: DvcProject, first_run: FirstRun
 ) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
+    project.repro()  # up to date first (any epochs but 1), so that the change below is the only one
+    champion = client.get_model_version_by_alias("tfanet-fabric", "champion").version
+    before = _latest_version(project, "fabric")
+
     project.set_param("fabric", "train", "epochs", 1)
     downstream = {"train@fabric", "evaluate@fabric", "calibrate@fabric", "register@fabric", "deploy@fabric"}
     assert project.repro() == downstream
     record = project.registry("fabric")
-    assert record["version"] == "2"
+    assert record["version"] == str(before + 1)
     assert record["decision"] == "rejected" and "< champion" in record["reason"]
     deployed = json.loads((project.root / "runs" / "fabric" / "deploy.json").read_text())
-    assert (deployed["status"], deployed["serving"]) == ("unchanged", "1")
-    assert "candidate v2 was rejected by the promotion gate" in deployed["reason"]
-    assert _served(project, "fabric")["model_version"] == "1"
+    assert (deployed["status"], deployed["serving"]) == ("unchanged", champion)
+    assert f"candidate v{before + 1} was rejected by the promotion gate" in deployed["reason"]
+    assert _served(project, "fabric")["model_version"] == champion
     diff = project.run(DVC, "params", "diff", "--json").stdout
     epochs_diff = json.loads(diff)["params.yaml"]["products.fabric.train.epochs"]
     assert (epochs_diff["old"], epochs_diff["new"]) == (EPOCHS, 1)
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
-    assert client.get_model_version_by_alias("tfanet-fabric", "champion").version == "1"
+    assert client.get_model_version_by_alias("tfanet-fabric", "champion").version == champion
 
 
-def test_kill_in_train_then_repro_finishes(project: DvcProject, first_run: set[str]) -> None:
+def test_kill_in_train_then_repro_finishes(project: DvcProject, first_run: FirstRun) -> None:
     import torch
 
+    project.repro()  # up to date first, so that only fabric's new epochs are left to run
+    before = _latest_version(project, "fabric")
     epochs = EPOCHS + 3
     project.set_param("fabric", "train", "epochs", epochs)
     checkpoint = project.root / "runs" / "fabric" / "checkpoints" / "checkpoint.pt"
@@ -175,24 +216,30 @@ def test_kill_in_train_then_repro_finishes(project: DvcProject, first_run: set[s
     assert {"train@fabric", "register@fabric"} <= ran and not any(s.endswith("@bracket") for s in ran)
     history = json.loads((project.root / "runs" / "fabric" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-    assert project.registry("fabric")["version"] == "3"
+    assert project.registry("fabric")["version"] == str(before + 1)
 
 
-def test_new_dataset_version_is_pushed_beside_the_old(project: DvcProject, first_run: set[str]) -> None:
+def test_new_dataset_version_is_pushed_beside_the_old(project: DvcProject, first_run: FirstRun) -> None:
     from components.storage import S3Settings, s3_client
 
     old = project.dataset_md5()
     image = project.root / "data" / "synth" / "fabric" / "train" / "good" / "000.png"
+    kept = image.read_bytes()
     image.unlink()
-    project.run(DVC, "add", "-q", "data/synth")
-    project.run(DVC, "push", "-q")
-    new = project.dataset_md5()
-    assert new != old
-    client = s3_client(S3Settings.from_env(project.env))
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket="dvc", Prefix="store/files/md5/")["Contents"]}
-    for md5 in (old, new):
-        assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys
-    assert "Cache and remote 'store' are in sync" in project.run(DVC, "status", "-c").stdout
+    try:
+        project.run(DVC, "add", "-q", "data/synth")
+        project.run(DVC, "push", "-q")
+        new = project.dataset_md5()
+        assert new != old
+        client = s3_client(S3Settings.from_env(project.env))
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="dvc", Prefix="store/files/md5/")["Contents"]}
+        for md5 in (old, new):
+            assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys
+        assert "Cache and remote 'store' are in sync" in project.run(DVC, "status", "-c").stdout
+    finally:  # the other scenarios keep training on the first dataset version
+        image.write_bytes(kept)
+        project.run(DVC, "add", "-q", "data/synth")
+    assert project.dataset_md5() == old
 
 
 def test_corrupted_dataset_is_stopped_at_validation(synth_root: Path, tmp_path: Path, capsys) -> None:
@@ -252,10 +299,11 @@ def _text(dom: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium: apt-get install -y chromium")
-def test_mlflow_ui_lists_the_run_with_its_metrics(project: DvcProject, first_run: set[str]) -> None:
-    """Headless Chromium renders the MLflow UI: the product's runs list has the run, the run page its metrics."""
-    record = json.loads((project.root / "runs" / "bracket" / "registry.json").read_text())
-    metrics = json.loads((project.root / "runs" / "bracket" / "metrics.json").read_text())
+def test_mlflow_ui_lists_the_run_with_its_metrics(project: DvcProject, first_run: FirstRun, tmp_path: Path) -> None:
+    """Headless Chromium renders the MLflow UI: the product's runs list has the run, the run page its metrics.
+    The screenshot goes to the test's temp dir (docs/mlflow_ui.png is a copy of one, refreshed by hand)."""
+    record = first_run.json("bracket", "registry.json")
+    metrics = first_run.json("bracket", "metrics.json")
     base = project.env["MLFLOW_TRACKING_URI"]
     runs_page = _text(_chromium(f"{base}/#/experiments/{record['experiment_id']}/runs", "--dump-dom").stdout)
     assert "tfanet-bracket" in runs_page and f"bracket-{record['dataset_version'][:8]}" in runs_page
@@ -264,7 +312,6 @@ def test_mlflow_ui_lists_the_run_with_its_metrics(project: DvcProject, first_run
     run_page = _text(_chromium(run_url, "--dump-dom").stdout)
     for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         assert re.search(rf"\b{name} {re.escape(str(metrics[name]))[:8]}", run_page), f"{name} not shown"
-    shot = REPO / "docs" / "mlflow_ui.png"
-    shot.parent.mkdir(exist_ok=True)
+    shot = tmp_path / "mlflow_ui.png"
     _chromium(run_url, f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

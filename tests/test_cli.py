@@ -1,4 +1,4 @@
-"""The command line contract of DESIGN §6."""
+"""The command line contract of docs/architecture.md §Command line."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 PRODUCT, CATEGORY = "drifting", "fabric"
 EPOCHS = 3
 REMOTE = "s3://dvc/drift-retrain"
+FIRST_BUNDLE = "first-bundle"  # in the project: the bundle registered as version 1, kept whatever runs later
 
 
 def drift_check(project: DvcProject, images: Path) -> tuple[int, dict[str, Any]]:
@@ -70,6 +71,7 @@ def project(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -
     shutil.rmtree(gen / "bracket")  # one product in the project's data/synth
     project = DvcProject.create(tmp_path_factory.mktemp("drift-project"), local_stack, params, gen, remote=REMOTE)
     project.repro(f"register@{PRODUCT}")
+    shutil.copytree(project.root / "runs" / PRODUCT / "bundle", project.root / FIRST_BUNDLE)  # v1, before retrains
     import mlflow
 
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])  # for download_bundle in this process
@@ -98,8 +100,8 @@ def test_drift_reference_travels_with_the_registered_champion(project: DvcProjec
     from tfanet_core.drift import REFERENCE_FILE, Reference
     from tfanet_core.predictor import Predictor
 
-    local = Reference.load(project.root / "runs" / PRODUCT / "bundle")
-    bundle = download_bundle(f"models:/tfanet-{PRODUCT}@champion", tmp_path)
+    local = Reference.load(project.root / FIRST_BUNDLE)
+    bundle = download_bundle(f"models:/tfanet-{PRODUCT}/1", tmp_path)
     registered = Reference.load(bundle / REFERENCE_FILE)
     np.testing.assert_array_equal(registered.embeddings, local.embeddings)
     assert len(registered.embeddings) == 80 and len(registered.scores) == 20  # train + val; val scores
@@ -208,7 +210,10 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     retrain = RetrainParams(mode="kfp", dataset_uri="s3://tfanet-data/datasets", kfp_host="http://kfp.invalid")
     images = sorted(window.glob("*.png"))[:3]
-    result = retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "drift check r1: x")
+    submit = pipelines.submit.submit_retrain  # what `tfanet drift check` hands the check (pipelines.cli)
+    result = retrain_kfp(
+        CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "drift check r1: x", submit
+    )
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="tfanet-data", Prefix="datasets/")["Contents"]}
     new = {f"datasets/fabric/train/good/drift-20261124T120000Z-{i:03d}.png" for i in range(3)}
@@ -232,5 +237,5 @@ def test_kfp_mode_uploads_a_new_dataset_version_and_submits_retrain_on_drift(
         and json.loads(args["params"])["data"]["category"] == CATEGORY
     )
     with pytest.raises(RetrainError, match="already uploaded"):
-        retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "again")
+        retrain_kfp(CATEGORY, images, CATEGORY, retrain, "drift-20261124T120000Z", params, "again", submit)
     assert len(submitted) == 1

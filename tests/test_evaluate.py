@@ -1,4 +1,4 @@
-"""`tfanet evaluate`: metrics JSON per DESIGN §6, plots and overlays, LOCO sPRO with every channel."""
+"""`tfanet evaluate`: metrics JSON (docs/architecture.md §Command line), plots, overlays, LOCO sPRO per channel."""
 
 from __future__ import annotations
 

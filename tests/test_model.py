@@ -37,7 +37,7 @@ def test_paper_profile_parameter_counts_are_exact() -> None:
     }
     assert info["feature_shape"] == [1856, 64, 64]
     assert info["tokens"] == 256
-    # with the template's tokens cached: backbone + transformer, ~72 GMAC (DESIGN: ~77 with the template embedding)
+    # template tokens cached: backbone + transformer, ~72 GMAC (docs/architecture.md §Model: ~77 with template embed)
     assert 70 < info["cost_per_image"]["gmacs"] < 78
 
 

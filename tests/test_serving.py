@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components import supervisor
 from components.serving import server
 from components.serving.archive import build_archive, model_name, read_manifest
 from components.serving.handler import TFANetHandler
@@ -481,7 +482,7 @@ def test_a_second_server_runs_beside_and_stops_cleanly(served: Served, tmp_path:
         assert served.client.ping()  # the first server is unaffected
     finally:
         assert server.stop(state) is True
-    assert not server._group_alive(info.pgid)
+    assert not supervisor.group_members(info.pgid)
     assert not (state / "key_file.json").exists() and not (state / "server.json").exists()
     assert server.status(state)["running"] is False and server.stop(state) is False
     assert served.client.ping()

@@ -8,13 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 from mlflow import MlflowClient
 
-from components.stack import GRPC_OFFSET, LocalStack, StackError, _group_members, _PortPicker, _start_time, main
+from components import supervisor
+from components.serving import server
+from components.stack import GRPC_OFFSET, LocalStack, StackError, _PortPicker, main
 from components.storage import S3Settings, download_dir, ensure_bucket, parse_s3_uri, s3_client, upload_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,23 +100,33 @@ def test_pinned_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     proc = _sleeper_group()
     try:
-        assert _wait_for(lambda: len(_group_members(proc.pid)) == 2)
-        stack = _fake_state(tmp_path, proc, _start_time(proc.pid))
+        assert _wait_for(lambda: len(supervisor.group_members(proc.pid)) == 2)
+        stack = _fake_state(tmp_path, proc, supervisor.start_time(proc.pid))
         assert stack.stop(timeout=5) == ["s3"]
         proc.wait(timeout=5)
-        assert _group_members(proc.pid) == []
+        assert supervisor.group_members(proc.pid) == []
         assert stack.load_state()["processes"] == {}
     finally:
         _kill(proc)
 
 
 def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
+    """The stack and TorchServe share one guard: a recorded PID now held by another process is left alone."""
     proc = _sleeper_group()
     try:
-        stack = _fake_state(tmp_path, proc, (_start_time(proc.pid) or 0) + 1)  # same PID, another process
+        recycled = supervisor.Supervised(proc.pid, (supervisor.start_time(proc.pid) or 0) + 1)  # same PID, other
+        assert supervisor.recycled(recycled) and not supervisor.running(recycled)
+        assert supervisor.stop(recycled, "stranger", timeout=1) is False
+        stack = _fake_state(tmp_path / "stack", proc, recycled.start_time)
         assert stack.stop(timeout=1) == []
-        assert proc.poll() is None, "a process that is not ours was signalled"
         assert stack.load_state()["processes"] == {}
+        ts = tmp_path / "torchserve"
+        ts.mkdir()
+        info = server.ServerInfo(str(ts), "http://i", "http://m", "http://x", str(ts / "k"), proc.pid, proc.pid, 1)
+        (ts / server.SERVER_FILE).write_text(json.dumps(info.__dict__))
+        assert server.status(ts)["running"] is False
+        assert server.stop(ts, timeout=1) is False and not (ts / server.SERVER_FILE).exists()
+        assert proc.poll() is None, "a process that is not ours was signalled"
     finally:
         _kill(proc)
 
@@ -141,14 +154,12 @@ def test_s3_settings_from_env() -> None:
         parse_s3_uri("/local/path")
 
 
-def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    from components.stack import _wait
-
-    return _wait(predicate, timeout, interval=0.05)
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    return supervisor.wait(predicate, timeout, interval=0.05)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if _group_members(proc.pid):
+    if supervisor.group_members(proc.pid):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=5)
 
@@ -220,7 +231,7 @@ def test_cli_start_stop_restart_keeps_ports_and_data(tmp_path: Path) -> None:
         first = status()
         assert all(s["healthy"] for s in first.values()), first
         pids = {int(s["pid"]) for s in first.values()}  # type: ignore[call-overload]
-        assert all(_group_members(pid) for pid in pids)  # the servers outlived the CLI process
+        assert all(supervisor.group_members(pid) for pid in pids)  # the servers outlived the CLI process
         assert "started" not in cli("start").stderr  # nothing was started again
         env = dict(line.removeprefix("export ").split("=", 1) for line in cli("env").stdout.splitlines())
         assert env["MLFLOW_TRACKING_URI"] == first["mlflow"]["url"]
@@ -231,7 +242,7 @@ def test_cli_start_stop_restart_keeps_ports_and_data(tmp_path: Path) -> None:
         stopped = cli("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped: mlflow, s3" in stopped.stdout
-    assert all(not _group_members(pid) for pid in pids)
+    assert all(not supervisor.group_members(pid) for pid in pids)
     assert cli("status").returncode == 1
 
     try:

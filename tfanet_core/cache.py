@@ -1,9 +1,10 @@
-"""Content-addressed cache of frozen-backbone features (DESIGN §4).
+"""Content-addressed store of frozen-backbone layer maps (docs/architecture.md §Feature cache).
 
-The backbone never trains, so an image's features depend only on its bytes, the backbone
-(tag, weight sha256), the layers read, the stem pooling, the input size and the preprocessing.
-That tuple plus sha256(image bytes) is the key; a second run over the same images computes
-nothing (no decode, no forward pass), whatever their paths.
+A pure store: :meth:`FeatureCache.get` and :meth:`FeatureCache.put` by key, where the key is
+sha256 over a namespace (everything besides the image bytes that determines the maps: backbone
+tag and weights, layers, stem pooling, input size, preprocessing) and sha256(image bytes). It knows
+nothing about the extractor; the read-through (hash, look up, compute the misses, store) is
+``tfanet_core.features.extract_features``.
 
 What is stored: the per-layer maps at their native resolution, *before* the bilinear resize
 and concatenation (``FeatureExtractor.fuse``), in float16. For the paper's WRN50 at 256 px
@@ -12,15 +13,16 @@ fusion happens after the cache, ``features.feature_size`` is not part of the key
 ablation reuses every entry. float16 keeps 11 significant bits, so each stored value has a
 relative rounding error ≤ 2⁻¹¹ ≈ 4.9e-4 (values below 6.1e-5 lose relative precision, their
 absolute error stays ≤ 3e-8); the measured effect on fused features and anomaly scores is in
-``benchmarks/results/perf.md``. Whenever a cache is used, features are fused from the float16
-maps on a miss too, so a cold and a warm run see bit-identical features.
+``benchmarks/results/perf.md``. :meth:`FeatureCache.put` returns the maps as stored, so a cold
+run fuses the same float16 values a warm run reads.
 
 Safety without locks: one file per entry under a two-level fan-out, written to a temporary file
 in the same directory and moved into place with ``os.replace`` (atomic on POSIX), no shared
 index. Concurrent writers of one key write identical bytes and the last rename wins; a reader
 sees either no file or a complete one. Each entry carries its payload length and a BLAKE2b
 checksum, so a file truncated or corrupted by anything else (a full disk, a crash before the
-data reached the disk) is detected on read, counted, recomputed and overwritten.
+data reached the disk) is detected on read, counted, and reported as a miss (the caller recomputes
+and overwrites it).
 """
 
 from __future__ import annotations
@@ -37,23 +39,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-from tfanet_core.data.images import DataError, image_to_tensor, open_image, to_rgb
-
-if TYPE_CHECKING:
-    from tfanet_core.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MAGIC = b"TFAFEAT1"
 SUFFIX = ".tfc"
-# Identifies image_to_tensor's decoding and resize (8-bit RGB, bilinear with antialias, [0, 1]).
-# Change it whenever that function changes, or old entries would be served for new preprocessing.
-PREPROCESS = "rgb8-bilinear-antialias-01-v1"
 STALE_TEMP_SECONDS = 3600  # a temp file this old belongs to a killed writer
 _HEADER_LEN = struct.Struct("<I")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -87,27 +81,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot read size {text!r}; write e.g. 500M, 2G or a number of bytes") from None
 
 
-def extractor_namespace(extractor: FeatureExtractor) -> dict[str, Any]:
-    """Everything besides the image bytes that determines the layer maps (feature_size does not)."""
-    if extractor.weight_sha256 == "unloaded":
-        raise ValueError(
-            "cannot cache features of a backbone built with load_weights=False (its random weights are not "
-            "reproducible); load the weights, or pass cache=None"
-        )
-    c = extractor.config
-    return {
-        "format": FORMAT_VERSION,
-        "backbone": extractor.source.tag,
-        "arch": extractor.source.arch,
-        "weights_sha256": extractor.weight_sha256,
-        "layers": [int(i) for i in c.layers],
-        "pool_stem": bool(c.pool_stem),
-        "image_size": int(c.image_size),
-        "preprocess": PREPROCESS,
-    }
-
-
 def entry_key(namespace: dict[str, Any], image_sha256: str) -> str:
+    """The content address of one image's maps under ``namespace``."""
     payload = json.dumps(namespace, sort_keys=True) + "\n" + image_sha256
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -117,9 +92,9 @@ class CacheStats:
     """Counters a caller (or a test) reads to see what a run actually computed."""
 
     hits: int = 0
-    misses: int = 0
-    corrupt: int = 0  # entries found truncated or corrupted, then recomputed and overwritten
-    forwards: int = 0  # backbone forward passes (batches) run for misses
+    misses: int = 0  # lookups that found nothing usable (absent or corrupt)
+    corrupt: int = 0  # entries found truncated or corrupted (the caller recomputes and overwrites them)
+    forwards: int = 0  # backbone forward passes (batches) the read-through ran for misses
     bytes_read: int = 0
     bytes_written: int = 0
 
@@ -197,13 +172,16 @@ class FeatureCache:
                 buffer = bytearray(os.fstat(fh.fileno()).st_size)
                 fh.readinto(buffer)
         except FileNotFoundError:
+            self.stats.misses += 1
             return None
         try:
             maps = _decode(buffer)
         except (CorruptEntry, KeyError, TypeError, ValueError, RuntimeError) as exc:
             self.stats.corrupt += 1
+            self.stats.misses += 1
             log.warning("feature cache entry %s is unusable (%s); recomputing it", path, exc)
             return None
+        self.stats.hits += 1
         self.stats.bytes_read += len(buffer)
         # "Last used", for `tfanet cache prune --max-size`. Pruned or replaced meanwhile: the maps in hand are
         # complete either way.
@@ -211,11 +189,15 @@ class FeatureCache:
             os.utime(path)
         return maps
 
-    def put(self, key: str, namespace: dict[str, Any], image_sha256: str, maps: Sequence[torch.Tensor]) -> None:
-        """Write atomically: a temp file in the entry's directory, then ``os.replace``."""
+    def put(
+        self, key: str, namespace: dict[str, Any], image_sha256: str, maps: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Store one image's maps (CPU tensors) atomically: a temp file in the entry's directory, then
+        ``os.replace``. Returns the maps as stored (in the cache's dtype), i.e. what :meth:`get` will return."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _encode(namespace, image_sha256, maps)
+        stored = [self._store_dtype(m) for m in maps]
+        data = _encode(namespace, image_sha256, stored)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -225,52 +207,12 @@ class FeatureCache:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.stats.bytes_written += len(data)
+        return stored
 
     def _store_dtype(self, m: torch.Tensor) -> torch.Tensor:
         low = m.to(self.dtype)
         # float16 overflows above 65504: keep such a layer in float32 rather than store inf.
         return low if bool(torch.isfinite(low).all()) else m.float()
-
-    # --- the read-through path extract_features uses -----------------------------------------------------
-
-    def layer_maps(
-        self, extractor: FeatureExtractor, paths: Sequence[Path | str], device: torch.device | str = "cpu"
-    ) -> list[torch.Tensor]:
-        """Per-layer maps [B, C_l, H_l, W_l] (float32, on ``device``) of image files: hits read, misses computed.
-
-        A hit costs reading the image bytes (to hash them) and the entry; nothing is decoded or run.
-        """
-        namespace = extractor_namespace(extractor)
-        blobs, keys, found = [], [], []
-        for p in paths:
-            try:
-                data = Path(p).read_bytes()
-            except OSError as exc:
-                raise DataError(
-                    f"{p}: cannot read the file ({exc.strerror}); check it exists and is readable"
-                ) from None
-            digest = hashlib.sha256(data).hexdigest()
-            key = entry_key(namespace, digest)
-            maps = self.get(key)
-            self.stats.hits += maps is not None
-            blobs.append((data, digest))
-            keys.append(key)
-            found.append(maps)
-
-        missing = [i for i, maps in enumerate(found) if maps is None]
-        if missing:
-            self.stats.misses += len(missing)
-            size = extractor.config.image_size
-            images = torch.stack(
-                [image_to_tensor(to_rgb(open_image(paths[i], blobs[i][0])), size) for i in missing]
-            ).to(device)
-            computed = extractor.layer_maps(images)
-            self.stats.forwards += 1
-            for j, i in enumerate(missing):
-                stored = [self._store_dtype(m[j].cpu()) for m in computed]
-                self.put(keys[i], namespace, blobs[i][1], stored)
-                found[i] = stored
-        return [torch.stack([maps[layer] for maps in found]).float().to(device) for layer in range(len(found[0]))]
 
     # --- housekeeping ------------------------------------------------------------------------------------
 

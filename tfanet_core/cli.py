@@ -1,4 +1,4 @@
-"""The ``tfanet`` command (DESIGN §6 is the contract: scripts outside the project call it).
+"""The ``tfanet`` command (docs/architecture.md §Command line is the contract: scripts outside the project call it).
 
 Model verbs live here. MLOps verbs (register, deploy, drift, pipeline, ...) are contributed by
 ``components/`` and ``pipelines/`` through the ``tfanet.commands`` entry-point group, so this

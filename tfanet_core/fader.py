@@ -1,34 +1,8 @@
-"""FADeR: feature attenuation of defective representation (Park et al., arXiv 2407.04597), as a TFA-Net plug-in.
+"""FADeR (feature attenuation of defective representation, Park et al., arXiv 2407.04597) as a TFA-Net plug-in.
 
-TFA-Net copies whatever the input tokens carry into its reconstruction when the template half
-cannot explain them; a defect that is partly "reconstructed" this way scores low. FADeR learns,
-with no labels, which input tokens the *current* TFA-Net reconstructs badly, and turns down
-those tokens' content before TFAM so the model has less of the defect to copy.
-
-Formulation (DESIGN §2, FADeR paragraph; the paper's abstract: two MLP layers that attenuate
-the feature information of defective regions inside the network, so unseen defects are
-reconstructed as normal patterns):
-- input of the two-layer MLP: each input token's *content* embedding, i.e. the patch embedding
-  before the positional embedding is added — the network's own representation of the patch,
-  which is also what gets attenuated (not the raw K²·C patch vector: 29,696 values in the paper
-  profile, 40× the 768-dim embedding). The paper attenuates CNN feature maps, where a location's
-  position is implicit; here the position lives in the sin-cos embedding, so the mask scales the
-  content and the position is added afterwards: an attenuated token still says *where* it is,
-  only *what* is there is turned down (as MAE's mask token still carries its position);
-- target: the frozen TFA-Net's per-token error on training images, the per-token terms of the
-  training loss (mean squared error + cos_weight · (1 − cosine) over the token's K²·C vector);
-- loss: the margin ranking loss over random token pairs of the same image (the form of
-  "Learning Loss for Active Learning", Yoo & Kweon 2019), so only the *order* of errors is
-  learnt, not their scale;
-- schedule: after TFA-Net training, TFA-Net frozen (the simple schedule; the TFA-Net weights are
-  therefore bit-identical with FADeR on and off, which isolates FADeR in an ablation);
-- mask: per image, the MLP's scores minus the image's median score, divided by a scale measured
-  on held-out normal images (1.4826 · median absolute deviation of the same quantity), give z;
-  mask = sigmoid((threshold − z) / temperature), clamped strictly inside (0, 1). Min-max scaling
-  per image would stretch a clean image's noise over the full range; subtracting the image's
-  median keeps the normalization per image (robust to a global shift), while the fixed scale
-  keeps a clean image's mask near 1 everywhere (so TFA-Net sees almost the inputs it was trained
-  on) and attenuates only tokens far above the image's typical token.
+A two-layer MLP learns, without labels, which input tokens the frozen TFA-Net reconstructs badly, and a
+per-image mask turns their content down before TFAM, so the model has less of a defect to copy into its
+reconstruction. The formulation (input, target, ranking loss, schedule, mask): docs/architecture.md §FADeR.
 """
 
 from __future__ import annotations

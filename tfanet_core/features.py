@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import timm
 import torch
@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tfanet_core.cache import FORMAT_VERSION, FeatureCache, entry_key
 from tfanet_core.config import FeatureConfig
-from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.data.images import DataError, image_to_tensor, load_rgb, open_image, to_rgb
 from tfanet_core.errors import ConfigError, TfanetError
-
-if TYPE_CHECKING:
-    from tfanet_core.cache import FeatureCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -371,6 +369,63 @@ class FeatureExtractor(nn.Module):
         }
 
 
+# Identifies image_to_tensor's decoding and resize (8-bit RGB, bilinear with antialias, [0, 1]).
+# Change it whenever that function changes, or old cache entries would be served for new preprocessing.
+PREPROCESS = "rgb8-bilinear-antialias-01-v1"
+
+
+def cache_namespace(extractor: FeatureExtractor) -> dict[str, Any]:
+    """Everything besides the image bytes that determines the layer maps (feature_size does not): half a cache key."""
+    if extractor.weight_sha256 == "unloaded":
+        raise ValueError(
+            "cannot cache features of a backbone built with load_weights=False (its random weights are not "
+            "reproducible); load the weights, or pass cache=None"
+        )
+    c = extractor.config
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": extractor.source.tag,
+        "arch": extractor.source.arch,
+        "weights_sha256": extractor.weight_sha256,
+        "layers": [int(i) for i in c.layers],
+        "pool_stem": bool(c.pool_stem),
+        "image_size": int(c.image_size),
+        "preprocess": PREPROCESS,
+    }
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); check it exists and is readable") from None
+
+
+def cached_layer_maps(
+    extractor: FeatureExtractor, paths: Sequence[Path | str], cache: FeatureCache, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """Per-layer maps [B, C_l, H_l, W_l] (float32, on ``device``) of image files, read through ``cache``.
+
+    A hit costs reading the image bytes (to hash them) and the entry; nothing is decoded or run. The misses
+    are decoded and run in one forward pass, stored, and returned as stored (float16), like a hit.
+    """
+    namespace = cache_namespace(extractor)
+    blobs = [_read_bytes(p) for p in paths]
+    digests = [hashlib.sha256(data).hexdigest() for data in blobs]
+    keys = [entry_key(namespace, digest) for digest in digests]
+    found = [cache.get(key) for key in keys]
+    missing = [i for i, maps in enumerate(found) if maps is None]
+    if missing:
+        size = extractor.config.image_size
+        images = torch.stack([image_to_tensor(to_rgb(open_image(paths[i], blobs[i])), size) for i in missing])
+        computed = extractor.layer_maps(images.to(device))
+        cache.stats.forwards += 1
+        for j, i in enumerate(missing):
+            found[i] = cache.put(keys[i], namespace, digests[i], [m[j].cpu() for m in computed])
+    layers = [maps for maps in found if maps is not None]
+    return [torch.stack([maps[layer] for maps in layers]).float().to(device) for layer in range(len(layers[0]))]
+
+
 def extract_features(
     extractor: FeatureExtractor,
     paths: Sequence[Path],
@@ -395,7 +450,7 @@ def extract_features(
                 images = torch.stack([image_to_tensor(load_rgb(p), size) for p in chunk]).to(device)
                 maps = extractor.layer_maps(images)
             else:
-                maps = cache.layer_maps(extractor, chunk, device)
+                maps = cached_layer_maps(extractor, chunk, cache, device)
             parts.append(extractor.fuse(maps).float().cpu())
             bar.update(len(chunk))
     if not parts:

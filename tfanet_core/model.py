@@ -1,4 +1,4 @@
-"""TFA-Net: template-based feature aggregation (Luo, Yao & Yu, arXiv 2603.22874), written from DESIGN §2.
+"""TFA-Net: template-based feature aggregation (Luo, Yao & Yu, arXiv 2603.22874), spec: docs/architecture.md §Model.
 
 The input's feature tokens and one fixed normal template's tokens are attended jointly (TFAM);
 the input half is then dropped and the template half is refined (FDRM) into a reconstruction

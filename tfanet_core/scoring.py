@@ -1,4 +1,4 @@
-"""The training loss, anomaly maps and image scores (DESIGN §2).
+"""The training loss, anomaly maps and image scores (docs/architecture.md §Model).
 
 Two different cosines live here on purpose: the loss compares each *token* over its whole
 K²·C vector; the anomaly map compares each *pixel* over its C channels.

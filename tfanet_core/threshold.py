@@ -1,4 +1,4 @@
-"""Reject-threshold calibration on held-out validation data (DESIGN §4 "Threshold").
+"""Reject-threshold calibration on held-out validation data (docs/architecture.md §Calibration).
 
 Two rules, chosen by what the validation split holds:
 

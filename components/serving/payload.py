@@ -190,7 +190,7 @@ def decode_map(encoded: str, scale: float) -> np.ndarray:
 
 
 def build_response(prediction: Prediction, product: str, model_version: str, return_map: bool) -> dict[str, Any]:
-    """The JSON answer for one image (DESIGN §4 Serving)."""
+    """The JSON answer for one image (docs/architecture.md §Serving)."""
     out: dict[str, Any] = {
         "product": product,
         "model_version": model_version,

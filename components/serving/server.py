@@ -14,25 +14,24 @@ The state dir holds ``config.properties`` (from :data:`CONFIG_TEMPLATE`),
 TorchServe keeps its PID file in ``tempfile.gettempdir()`` (``/tmp/.model_server.pid``, one per
 machine) and its worker sockets in ``java.io.tmpdir`` (``/tmp/.ts.sock.<port>``); ``TMPDIR`` and
 ``TEMP`` pointed at ``<state>/tmp`` move both, so several servers (tests, the demo) can run at once.
-The server runs in its own process group; ``stop`` asks ``torchserve --stop`` first, then signals
-that group (never processes by name).
+The server runs in its own process group (:mod:`components.supervisor`); ``stop`` asks
+``torchserve --stop`` first, then signals that group if it is still ours (never processes by name).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from components import supervisor
 
 CONFIG_TEMPLATE = """\
 # TorchServe config for the local stack, written by components/serving/server.py (placeholders in braces).
@@ -86,6 +85,10 @@ class ServerInfo:
     key_file: str
     java_pid: int
     pgid: int
+    start_time: int | None = None  # of the group leader (the launcher): a recycled pgid is never signalled
+
+    def record(self) -> supervisor.Supervised:
+        return supervisor.Supervised(self.pgid, self.start_time)
 
 
 def free_port() -> int:
@@ -113,26 +116,6 @@ def _env(state: Path) -> dict[str, str]:
 
 def _pid_file(state: Path) -> Path:
     return state / "tmp" / ".model_server.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _log_tail(state: Path, lines: int = 30) -> str:
@@ -169,7 +152,7 @@ def start(
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     running = read_info(state)
-    if running is not None and _alive(running.java_pid):
+    if running is not None and supervisor.running(running.record()):
         raise ServerError(f"TorchServe already runs from {state} (pid {running.java_pid}); stop it first")
     ports = {**DEFAULT_PORTS, **(ports or {})}
     model_store = state / "model_store"
@@ -185,18 +168,10 @@ def start(
         )
     )
     (state / "key_file.json").unlink(missing_ok=True)
-    env = _env(state)
     # A new session: the launcher, java and its python workers share one process group we can signal.
-    with (state / "console.log").open("w") as log:
-        launcher = subprocess.Popen(
-            ["torchserve", "--start", "--ts-config", str(config), "--model-store", str(model_store), "--ncs"],
-            cwd=state,
-            env=env,
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        launcher.wait(timeout=60)
+    cmd = ["torchserve", "--start", "--ts-config", str(config), "--model-store", str(model_store), "--ncs"]
+    launcher, rec = supervisor.launch(cmd, cwd=state, env=_env(state), log=state / "console.log", append=False)
+    launcher.wait(timeout=60)
     pid_file = _pid_file(state)
     if launcher.returncode != 0 or not pid_file.is_file():
         raise ServerError(f"torchserve --start failed: {(state / 'console.log').read_text()[-2000:]}")
@@ -207,18 +182,15 @@ def start(
         metrics=f"http://127.0.0.1:{ports['metrics']}",
         key_file=str(state / "key_file.json"),
         java_pid=int(pid_file.read_text().strip()),
-        pgid=launcher.pid,
+        pgid=rec.pid,
+        start_time=rec.start_time,
     )
     (state / SERVER_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
-    deadline = time.monotonic() + timeout
-    while not _ping(info):
-        if not _alive(info.java_pid):
-            stop(state)
-            raise ServerError(f"TorchServe exited during start-up; {state}/logs/ts_log.log ends:\n{_log_tail(state)}")
-        if time.monotonic() > deadline:
-            stop(state)
-            raise ServerError(f"TorchServe not healthy after {timeout:.0f} s; log:\n{_log_tail(state)}")
-        time.sleep(0.5)
+    outcome = supervisor.wait_ready(lambda: _ping(info), lambda: supervisor.running(rec), timeout)
+    if outcome != "healthy":
+        stop(state)
+        why = "exited during start-up" if outcome == "exited" else f"not healthy after {timeout:.0f} s"
+        raise ServerError(f"TorchServe {why}; {state}/logs/ts_log.log ends:\n{_log_tail(state)}")
     return info
 
 
@@ -228,23 +200,17 @@ def stop(state_dir: Path | str, timeout: float = 30.0) -> bool:
     info = read_info(state)
     if info is None:
         return False
-    was_running = _group_alive(info.pgid)
-    if _alive(info.java_pid):
+    rec = info.record()
+    was_running = supervisor.running(rec)
+    if was_running:
         subprocess.run(
             ["torchserve", "--stop"], cwd=state, env=_env(state), capture_output=True, timeout=60, check=False
         )
-    deadline = time.monotonic() + timeout
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(info.pgid, sig)
-            deadline = time.monotonic() + 10
-        while _group_alive(info.pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _group_alive(info.pgid):
-            break
-    if _group_alive(info.pgid):
-        raise ServerError(f"process group {info.pgid} of TorchServe survived SIGKILL")
+        supervisor.wait(lambda: not supervisor.running(rec), timeout, interval=0.2)
+        try:
+            supervisor.stop(rec, "TorchServe", timeout=10.0)
+        except supervisor.SupervisorError as exc:
+            raise ServerError(str(exc)) from None
     (state / SERVER_FILE).unlink(missing_ok=True)
     (state / "key_file.json").unlink(missing_ok=True)
     _pid_file(state).unlink(missing_ok=True)
@@ -253,7 +219,7 @@ def stop(state_dir: Path | str, timeout: float = 30.0) -> bool:
 
 def status(state_dir: Path | str) -> dict[str, object]:
     info = read_info(state_dir)
-    if info is None or not _alive(info.java_pid):
+    if info is None or not supervisor.running(info.record()):
         return {"running": False, "state_dir": str(Path(state_dir).resolve())}
     return {"running": True, "healthy": _ping(info), **asdict(info)}
 

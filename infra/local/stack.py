@@ -1,12 +1,7 @@
-"""``python -m infra.local.stack start|stop|status|env [--state-dir DIR]`` from the repository root.
-
-A thin entry point: the logic is :mod:`components.stack`, importable from anywhere in the venv
-(tests, pipelines, the demo), which ``infra/`` is not since it is no installed package.
-"""
+"""``python -m infra.local.stack start|stop|status|env``: the CLI of :mod:`components.stack` (an installed package)."""
 
 import sys
 
 from components.stack import main
 
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m infra.local.stack"))
+sys.exit(main(prog="python -m infra.local.stack"))

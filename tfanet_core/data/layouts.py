@@ -11,7 +11,7 @@ right):
   ``CAT/masks/<stem>_mask.png``; the good images are split into train/test here.
 
 Where a category has no ``test/good``, its ``validation/good`` images are the normal test
-images (DESIGN §6; the partial LOCO copy in the shared data needs this). Splits are
+images (docs/architecture.md §Dataset layout; the partial LOCO copy in the shared data needs this). Splits are
 decided by hashing file names with a seed, so they do not depend on file-system order and
 adding one image moves at most one other image across the split boundary.
 """
