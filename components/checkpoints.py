@@ -70,8 +70,7 @@ class CheckpointMirror:
         return self.remote.startswith("s3://")
 
     def _s3(self) -> tuple[Any, str, str]:
-        from components.kfp_io import s3_for
-        from components.storage import parse_s3_uri
+        from components.storage import parse_s3_uri, s3_for
 
         if self._client is None:
             self._client = s3_for(self._s3_endpoint)

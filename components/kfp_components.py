@@ -327,8 +327,9 @@ def deploy(
 
     from components.cluster_deploy import KubernetesRollout, deploy_in_cluster, gateway_url, markdown
     from components.deploy_cli import DEFAULT_PROBE_COUNT, probe_images
-    from components.kfp_io import fetch_dataset, s3_for
+    from components.kfp_io import fetch_dataset
     from components.serving.parity import DEFAULT_TOLERANCE
+    from components.storage import s3_for
 
     settings = json.loads(deploy_settings)
     category = str((json.loads(params).get("data") or {}).get("category", product))

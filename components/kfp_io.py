@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kfp.dsl import Artifact, Metrics
 
-__all__ = ["ARTIFACT_CONTENTS", "fetch_dataset", "log_numbers", "run_step", "s3_for"]
+__all__ = ["ARTIFACT_CONTENTS", "fetch_dataset", "log_numbers", "run_step"]
 
 # Artifact name -> the entries of RUNS/<product>/ it carries (relative paths, as ProductPaths names them).
 ARTIFACT_CONTENTS: dict[str, tuple[str, ...]] = {
@@ -44,16 +44,6 @@ def _category(params: Mapping[str, Any], product: str) -> str:
     return str((params.get("data") or {}).get("category", product))
 
 
-def s3_for(s3_endpoint: str) -> Any:
-    """A boto3 S3 client: credentials from the environment (the mapped Secret), ``s3_endpoint`` if not empty."""
-    from components.storage import S3Settings, s3_client
-
-    settings = S3Settings.from_env()
-    if s3_endpoint:
-        settings = S3Settings(s3_endpoint, settings.access_key_id, settings.secret_access_key, settings.region)
-    return s3_client(settings)
-
-
 def fetch_dataset(dataset_uri: str, category: str, work: Path, s3_endpoint: str = "") -> Path:
     """The dataset root holding ``<category>/``: the local path itself, or that folder downloaded from S3."""
     if not dataset_uri.startswith("s3://"):
@@ -61,7 +51,7 @@ def fetch_dataset(dataset_uri: str, category: str, work: Path, s3_endpoint: str 
         if not (root / category).is_dir():
             raise FileNotFoundError(f"{root / category}: no such dataset folder (dataset_uri={dataset_uri!r})")
         return root
-    from components.storage import download_dir, parse_s3_uri
+    from components.storage import download_dir, parse_s3_uri, s3_for
 
     bucket, prefix = parse_s3_uri(dataset_uri)
     root = work / "data"

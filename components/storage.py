@@ -135,3 +135,11 @@ def download_dir(client: Any, bucket: str, prefix: str, local_dir: Path | str, p
         client.download_file(bucket, key, str(target))
         out.append(target)
     return out
+
+
+def s3_for(s3_endpoint: str) -> Any:
+    """A boto3 S3 client: credentials from the environment (the mapped Secret), ``s3_endpoint`` if not empty."""
+    settings = S3Settings.from_env()
+    if s3_endpoint:
+        settings = S3Settings(s3_endpoint, settings.access_key_id, settings.secret_access_key, settings.region)
+    return s3_client(settings)

@@ -86,12 +86,22 @@ def _latest_version(project: DvcProject, product: str) -> int:
     return max(int(v.version) for v in client.search_model_versions(f"name='tfanet-{product}'"))
 
 
+def _probes(project: DvcProject, product: str) -> list[Path]:
+    """The probe images the register step chose: from the prepare step's manifest, the one split."""
+    from components.steps import _probe_images
+    from tfanet_core.data.manifest import Manifest
+
+    return _probe_images(
+        Manifest.read(project.root / "runs" / product / "manifest.csv", project.root / "data" / "synth")
+    )
+
+
 def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run: FirstRun) -> None:
     import mlflow
     from mlflow import MlflowClient
 
     from components.promotion import max_score_difference
-    from components.steps import ProductPaths, _probe_images
+    from components.steps import ProductPaths
 
     steps = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register", "deploy")
     assert first_run.ran == {f"{s}@{p}" for s in steps for p in ("fabric", "bracket")}
@@ -112,7 +122,7 @@ def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run:
         assert {"evaluation/plots", "evaluation/overlays", "evaluation/calibration.json"} <= artifacts
         assert "roc.png" in {Path(a.path).name for a in client.list_artifacts(record["run_id"], "evaluation/plots")}
     paths = ProductPaths.of(first_run.runs, "fabric")
-    probes = _probe_images(project.root / "data" / "synth", "fabric")
+    probes = _probes(project, "fabric")
     assert max_score_difference("models:/tfanet-fabric/1", probes, paths.bundle) < 1e-4
     assert first_run.json("fabric", "history.json")[-1]["epoch"] == EPOCHS
     shown = json.loads(project.run(DVC, "metrics", "show", "--json").stdout)[""]["data"]["runs/fabric/metrics.json"]
@@ -124,10 +134,9 @@ def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run:
 def _served(project: DvcProject, product: str) -> dict[str, Any]:
     """What the product's TorchServe endpoint answers for its first defective test image."""
     from components.serving.torchserve import TorchServeClient
-    from components.steps import _probe_images
 
     client = TorchServeClient.from_state_dir(project.env["TFANET_TORCHSERVE_DIR"])
-    [bad] = _probe_images(project.root / "data" / "synth", product)[1:]
+    [bad] = _probes(project, product)[1:]
     resp = client.predict(f"tfanet-{product}", bad.read_bytes())
     assert resp.status == 200, resp.message
     return resp.json()
@@ -136,7 +145,6 @@ def _served(project: DvcProject, product: str) -> dict[str, Any]:
 def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first_run: FirstRun, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from components.steps import _probe_images
     from components.tracking import download_bundle
     from tfanet_core.predictor import Predictor
 
@@ -148,7 +156,7 @@ def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first
         champion = client.get_model_version_by_alias(f"tfanet-{product}", "champion").version  # now, after any test
         answer = _served(project, product)
         assert (answer["product"], answer["model_version"]) == (product, champion)
-        [bad] = _probe_images(project.root / "data" / "synth", product)[1:]
+        [bad] = _probes(project, product)[1:]
         bundle = download_bundle(f"models:/tfanet-{product}/{champion}", tmp_path / product)
         assert answer["score"] == pytest.approx(Predictor.from_bundle(bundle).predict_paths([bad])[0].score, abs=1e-4)
 
