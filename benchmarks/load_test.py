@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from components.naming import torchserve_model_name
 from components.serving import server
-from components.serving.archive import build_archive, model_name
+from components.serving.archive import build_archive
 from components.serving.torchserve import TorchServeClient
 from tfanet_core.bundle import read_metadata
 from tfanet_core.predictor import Predictor
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             client = TorchServeClient.from_state_dir(state)
             mar = build_archive(bundle, args.product, "1", state / "model_store")
-            name = model_name(args.product)
+            name = torchserve_model_name(args.product)
             client.register(mar.name, name, batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms)
             for data in images[: args.warmup]:
                 warm = client.predict(name, data)

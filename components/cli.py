@@ -13,14 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.params import load_params, product_section
+
 STEPS = ("prepare", "validate", "features", "template", "train", "evaluate", "calibrate", "register")
 
 
 def run_stage(args: argparse.Namespace) -> int:
     from components import steps
 
-    params = steps.load_params(args.params)
-    section = steps.product_params(params, args.product)
+    params = load_params(args.params)
+    section = product_section(params, args.product)
     data_root = Path(args.data or (params.get("data") or {}).get("root", "data/synth"))
     paths = steps.ProductPaths.of(args.runs, args.product)
     paths.root.mkdir(parents=True, exist_ok=True)

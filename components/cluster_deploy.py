@@ -50,10 +50,11 @@ from components.deploy import (
     DeployError,
     deploy_history,
 )
-from components.serving.archive import build_archive, model_name
+from components.naming import registered_model_name, torchserve_model_name
+from components.serving.archive import build_archive
 from components.serving.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 from components.serving.torchserve import TorchServeClient, TorchServeError
-from components.tracking import CHAMPION, download_bundle, registered_model_name, version_by_alias
+from components.tracking import CHAMPION, download_bundle, version_by_alias
 
 __all__ = [
     "PARITY_LABEL",
@@ -97,7 +98,7 @@ def publish(product: str, version: str, model_bucket: str, s3: Any, registry: Ml
     """
     reg_name = registered_model_name(product)
     mv = registry.get_model_version(reg_name, version)
-    key = f"{_prefix(product)}/{model_name(product)}-v{version}.mar"
+    key = f"{_prefix(product)}/{torchserve_model_name(product)}-v{version}.mar"
     with tempfile.TemporaryDirectory(prefix=f"publish-{product}-") as tmp:
         bundle = download_bundle(f"models:/{reg_name}/{version}", Path(tmp) / "model")
         source = {"kind": "mlflow", "model": reg_name, "version": version, "run_id": mv.run_id}
@@ -184,7 +185,7 @@ def _parity(
     client = TorchServeClient(inference_url, inference_url, key_file=None)
     try:
         report: ParityReport = check_parity(
-            client, model_name(product), bundle, probes, version=version, tolerance=tolerance
+            client, torchserve_model_name(product), bundle, probes, version=version, tolerance=tolerance
         )
     except TorchServeError as exc:
         return None, f"v{version} is not served after the rollout ({exc})"
@@ -222,7 +223,7 @@ def deploy_in_cluster(
         raise ValueError("the cluster deploy needs at least one probe image (a normal and a defective one are best)")
     registry = MlflowClient()
     reg_name = registered_model_name(product)
-    name = model_name(product)
+    name = torchserve_model_name(product)
     champion = version_by_alias(registry, reg_name, CHAMPION)
     history = deploy_history(registry, reg_name)
     previous = history[-1] if history else None

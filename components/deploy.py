@@ -34,10 +34,13 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from components.serving.archive import build_archive, model_name
+from components.naming import registered_model_name, torchserve_model_name
+from components.serving.archive import build_archive
 from components.serving.parity import DEFAULT_TOLERANCE, check_parity
 from components.serving.torchserve import TorchServeClient, TorchServeError
-from components.tracking import CANDIDATE, CHAMPION, download_bundle, registered_model_name, version_by_alias
+from components.tracking import CANDIDATE, CHAMPION, download_bundle, version_by_alias
+from tfanet_core.config import section_from_mapping
+from tfanet_core.errors import ConfigError
 
 __all__ = [
     "DEPLOYED",
@@ -75,18 +78,14 @@ class ServingParams:
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers", "response_timeout_s", "keep_versions"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"serving.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"serving.{name} must be >= 1, got {getattr(self, name)}")
         if int(self.max_batch_delay_ms) < 0:
-            raise ValueError(f"serving.max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+            raise ConfigError(f"serving.max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> ServingParams:
-        params = dict(params or {})
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown serving setting(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**{k: int(v) for k, v in params.items()})
+        serving = section_from_mapping(cls, params, "params.yaml 'serving'")
+        return cls(**{k: int(v) for k, v in asdict(serving).items()})
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ def _serve_version(
     Returns (archive, max |served - bundle| score, failure reason or None). On failure the version
     is unregistered again, so nothing half-checked stays registered.
     """
-    name = model_name(product)
+    name = torchserve_model_name(product)
     version = str(mv.version)
     if version in _registered_versions(client, name):
         client.unregister(name, version)  # a leftover of an interrupted deploy: rebuild it from the registry
@@ -251,7 +250,7 @@ def deploy(
         mlflow.set_tracking_uri(tracking_uri)
     paths = _check(probes, tolerance)
     serving = serving or ServingParams()
-    name = model_name(product)
+    name = torchserve_model_name(product)
     registry = MlflowClient()
     reg_name = registered_model_name(product)
     champion = version_by_alias(registry, reg_name, CHAMPION)
@@ -333,7 +332,7 @@ def rollback(
         mlflow.set_tracking_uri(tracking_uri)
     paths = _check(probes, tolerance)
     serving = serving or ServingParams()
-    name = model_name(product)
+    name = torchserve_model_name(product)
     registry = MlflowClient()
     reg_name = registered_model_name(product)
     history = deploy_history(registry, reg_name)

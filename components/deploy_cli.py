@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from components.params import ProductSettings, load_params, product_section
+
 DEFAULT_PROBE_COUNT = 4
 
 
@@ -35,18 +37,17 @@ def probe_images(data_root: Path, category: str, count: int) -> list[Path]:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from components import steps
     from components.deploy import ServingParams
     from components.serving.torchserve import TorchServeClient
 
-    params = steps.load_params(args.params)
-    section = steps.product_params(params, args.product)
+    params = load_params(args.params)
+    section = product_section(params, args.product)
     deploy_params = params.get("deploy") or {}
     if args.probe:
         probes = list(args.probe)
     else:
         data_root = Path(args.data or (params.get("data") or {}).get("root", "data/synth"))
-        category = str((section.get("data") or {}).get("category", args.product))
+        category = ProductSettings.of(args.product, section).category
         probes = probe_images(data_root, category, int(deploy_params.get("probe_count", DEFAULT_PROBE_COUNT)))
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise ValueError(

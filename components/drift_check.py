@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from components.naming import drift_experiment_name
 from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import is_image_file
 from tfanet_core.drift import DriftConfig, DriftReport, Reference
 
 __all__ = [
-    "DRIFT_EXPERIMENT_SUFFIX",
     "LAST_RETRAIN_TAG",
     "NO_DRIFT",
     "RETRAIN_FAILED",
@@ -46,7 +46,6 @@ __all__ = [
     "add_images",
     "check",
     "decide",
-    "drift_experiment_name",
     "list_images",
     "measure_window",
 ]
@@ -60,16 +59,11 @@ NO_DRIFT, SUPPRESSED, RETRAIN_TRIGGERED, RETRAIN_FAILED = (
     "retrain_failed",
 )
 LAST_RETRAIN_TAG = "drift.last_retrain_at"  # registered-model tag: ISO time of the last retrain trigger
-DRIFT_EXPERIMENT_SUFFIX = "-drift"
 MODES = ("dvc", "kfp")
 
 
 class RetrainError(RuntimeError):
     """A retrain could not be started or failed; the message says which command and why."""
-
-
-def drift_experiment_name(product: str) -> str:
-    return f"tfanet-{product}{DRIFT_EXPERIMENT_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -478,7 +472,8 @@ def check(
     import mlflow
     from mlflow import MlflowClient
 
-    from components.tracking import CHAMPION, download_bundle, registered_model_name
+    from components.naming import registered_model_name
+    from components.tracking import CHAMPION, download_bundle
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from components.params import ProductSettings, load_params, product_section
+
 if TYPE_CHECKING:
     from components.drift_check import RetrainSubmitter
 
@@ -31,12 +33,11 @@ EXIT_NO_DRIFT, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 def run_check(args: argparse.Namespace, submit: RetrainSubmitter | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
-    from components import steps
     from components.drift_check import NO_DRIFT, RETRAIN_FAILED, RetrainParams, check
     from tfanet_core.drift import DriftConfig
 
-    params = steps.load_params(args.params)
-    section = steps.product_params(params, args.product)
+    params = load_params(args.params)
+    section = product_section(params, args.product)
     retrain = RetrainParams.from_params(params.get("retrain"))
     if args.mode:
         retrain = dataclasses.replace(retrain, mode=args.mode)
@@ -54,7 +55,7 @@ def run_check(args: argparse.Namespace, submit: RetrainSubmitter | None = None) 
                 retrain=retrain,
                 project=args.params.parent,
                 data_root=Path((params.get("data") or {}).get("root", "data/synth")),
-                category=str((section.get("data") or {}).get("category", args.product)),
+                category=ProductSettings.of(args.product, section).category,
                 runs=args.runs,
                 record=args.out or args.params.parent / args.runs / args.product / "drift.json",
                 params=params,

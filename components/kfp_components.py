@@ -328,11 +328,12 @@ def deploy(
     from components.cluster_deploy import KubernetesRollout, deploy_in_cluster, gateway_url, markdown
     from components.deploy_cli import DEFAULT_PROBE_COUNT, probe_images
     from components.kfp_io import fetch_dataset
+    from components.params import ProductSettings
     from components.serving.parity import DEFAULT_TOLERANCE
     from components.storage import s3_for
 
     settings = json.loads(deploy_settings)
-    category = str((json.loads(params).get("data") or {}).get("category", product))
+    category = ProductSettings.of(product, json.loads(params)).category
     with tempfile.TemporaryDirectory(prefix="tfanet-deploy-") as tmp:
         data_root = fetch_dataset(dataset_uri, category, Path(tmp), s3_endpoint)
         probes = probe_images(data_root, category, int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))

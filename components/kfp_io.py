@@ -40,10 +40,6 @@ ARTIFACT_CONTENTS: dict[str, tuple[str, ...]] = {
 # --- runs inside the component's container -----------------------------------------------------------
 
 
-def _category(params: Mapping[str, Any], product: str) -> str:
-    return str((params.get("data") or {}).get("category", product))
-
-
 def fetch_dataset(dataset_uri: str, category: str, work: Path, s3_endpoint: str = "") -> Path:
     """The dataset root holding ``<category>/``: the local path itself, or that folder downloaded from S3."""
     if not dataset_uri.startswith("s3://"):
@@ -86,6 +82,7 @@ def run_step(
 
     from components import steps
     from components.checkpoints import CheckpointMirror
+    from components.params import ProductSettings
 
     section = json.loads(params)
     with tempfile.TemporaryDirectory(prefix=f"tfanet-{step}-") as tmp:
@@ -95,7 +92,7 @@ def run_step(
         for name, artifact in inputs.items():
             _expect(name)
             shutil.copytree(artifact.path, paths.root, dirs_exist_ok=True)
-        data_root = fetch_dataset(dataset_uri, _category(section, product), work, s3_endpoint)
+        data_root = fetch_dataset(dataset_uri, ProductSettings.of(product, section).category, work, s3_endpoint)
         if step == "validate":
             steps.prepare(data_root, product, section, paths)
             result = steps.validate(data_root, kwargs["rules"], paths)

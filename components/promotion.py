@@ -29,15 +29,17 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from components.naming import registered_model_name
 from components.tracking import (
     CANDIDATE,
     CHAMPION,
     TAG_DATASET,
     encode_images,
     flatten_metrics,
-    registered_model_name,
     version_by_alias,
 )
+from tfanet_core.config import section_from_mapping
+from tfanet_core.errors import ConfigError
 
 __all__ = ["DEFAULT_METRICS", "Comparison", "Decision", "GatePolicy", "compare", "max_score_difference", "promote"]
 
@@ -54,17 +56,15 @@ class GatePolicy:
 
     def __post_init__(self) -> None:
         if not self.metrics:
-            raise ValueError("the promotion gate needs at least one metric (e.g. image_auroc)")
+            raise ConfigError("the promotion gate needs at least one metric (e.g. image_auroc)")
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"promotion tolerance must be a finite number >= 0, got {self.tolerance}")
+            raise ConfigError(f"promotion tolerance must be a finite number >= 0, got {self.tolerance}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> GatePolicy:
         """From the ``promotion:`` section of params.yaml: ``{metrics: [...], tolerance: 0.005}``."""
-        unknown = set(params) - {"metrics", "tolerance"}
-        if unknown:
-            raise ValueError(f"unknown promotion setting(s) {sorted(unknown)}; expected 'metrics' and 'tolerance'")
-        return cls(tuple(params.get("metrics", DEFAULT_METRICS)), float(params.get("tolerance", 0.0)))
+        policy = section_from_mapping(cls, params, "params.yaml 'promotion'")
+        return cls(tuple(policy.metrics), float(policy.tolerance))
 
 
 @dataclass(frozen=True)

@@ -32,24 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from tfanet_core.config import Config, load_config
-from tfanet_core.config import validate as validate_config
+from components.params import ProductSettings
 from tfanet_core.data.images import DataError, is_image_file, open_image
 from tfanet_core.data.layouts import GOOD, Sample, split_validation
 from tfanet_core.data.manifest import Manifest, ManifestRow, build_manifest
-from tfanet_core.errors import ConfigError, TfanetError
+from tfanet_core.errors import TfanetError
 
 __all__ = [
-    "CONFIG_SECTIONS",
     "ProductPaths",
     "calibrate",
     "evaluate",
     "features",
-    "load_params",
     "prepare",
-    "product_config",
     "register",
     "template",
     "train",
@@ -57,8 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CONFIG_SECTIONS = ("features", "model", "train", "template", "scoring", "calibration")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,37 +80,6 @@ class ProductPaths:
     calibration = property(lambda self: self.root / "calibration.json")
     calibration_plot = property(lambda self: self.root / "calibration.png")
     registry = property(lambda self: self.root / "registry.json")
-
-
-# --- params ---------------------------------------------------------------------------------------------
-
-
-def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no params file; run from the DVC project root (where dvc.yaml is)")
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def product_params(params: Mapping[str, Any], product: str) -> dict[str, Any]:
-    products = params.get("products") or {}
-    if product not in products:
-        raise ConfigError(f"product '{product}' is not in params.yaml (products: {sorted(products)}); add a section")
-    return dict(products[product])
-
-
-def product_config(section: Mapping[str, Any]) -> Config:
-    """The model config of a product: its ``profile`` with every section of params.yaml laid over it."""
-    data = load_config(section.get("profile", "cpu")).to_dict()
-    for name in CONFIG_SECTIONS:
-        data[name] = {**data[name], **(section.get(name) or {})}
-    config = Config.from_dict(data)
-    validate_config(config)
-    return config
-
-
-def _category(section: Mapping[str, Any], product: str) -> str:
-    return str((section.get("data") or {}).get("category", product))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -192,8 +154,8 @@ def prepare(data_root: Path | str, product: str, section: Mapping[str, Any], pat
     problem at once.
     """
     root = Path(data_root)
-    category = _category(section, product)
-    config = product_config(section)
+    settings = ProductSettings.of(product, section)
+    category, config = settings.category, settings.config
     strict = True
     try:
         manifest = build_manifest(root, category, config.train.val_fraction, config.train.seed)
@@ -254,7 +216,7 @@ def features(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.cache import FeatureCache
     from tfanet_core.features import FeatureExtractor, extract_features
 
-    config = product_config(section)
+    config = ProductSettings.of(product, section).config
     manifest = _manifest(data_root, paths)
     cache = FeatureCache(paths.features)
     images = sorted(s.path for split in ("train", "val") for s in manifest.samples(split))
@@ -271,7 +233,8 @@ def template(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.templates import write_choice
     from tfanet_core.workflow import template_record
 
-    record = template_record(_manifest(data_root, paths), product_config(section), cache_dir=paths.features)
+    config = ProductSettings.of(product, section).config
+    record = template_record(_manifest(data_root, paths), config, cache_dir=paths.features)
     write_choice(record, paths.template)
     return record
 
@@ -285,7 +248,7 @@ def train(data_root: Path | str, product: str, section: Mapping[str, Any], paths
 
     bundle = train_manifest(
         _manifest(data_root, paths),
-        product_config(section),
+        ProductSettings.of(product, section).config,
         paths.model,
         checkpoint_dir=paths.checkpoints,
         cache_dir=paths.features,
@@ -311,7 +274,11 @@ def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], pa
 
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
         metrics = evaluate_bundle(
-            paths.model, data_root, _category(section, product), tmp, manifest=_manifest(data_root, paths)
+            paths.model,
+            data_root,
+            ProductSettings.of(product, section).category,
+            tmp,
+            manifest=_manifest(data_root, paths),
         )
         for out in (paths.plots, paths.overlays):
             shutil.rmtree(out, ignore_errors=True)
@@ -340,7 +307,7 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
     from tfanet_core.predictor import Predictor
     from tfanet_core.workflow import calibrate_bundle, split_features
 
-    config = product_config(section)
+    config = ProductSettings.of(product, section).config
     manifest = _manifest(data_root, paths)
     bundle = load_bundle(paths.model)
     bundle.config = dataclasses.replace(bundle.config, calibration=config.calibration)
@@ -401,12 +368,12 @@ def _champion_on_dataset(
     import mlflow
     from mlflow import MlflowClient
 
+    from components.naming import registered_model_name
     from components.tracking import (
         CHAMPION,
         TAG_DATASET,
         download_bundle,
         model_uri,
-        registered_model_name,
         version_by_alias,
     )
     from tfanet_core.evaluate import evaluate as evaluate_bundle
@@ -426,9 +393,7 @@ def _champion_on_dataset(
     with tempfile.TemporaryDirectory() as tmp:
         bundle = download_bundle(model_uri(product), Path(tmp) / "champion")
         out = Path(tmp) / "evaluation"
-        return evaluate_bundle(
-            bundle, data_root, _category(section, product), out, manifest=manifest, overlays_per_type=0
-        )
+        return evaluate_bundle(bundle, data_root, manifest.category, out, manifest=manifest, overlays_per_type=0)
 
 
 def register(

@@ -37,6 +37,7 @@ from packaging.requirements import Requirement
 from PIL import Image
 
 import tfanet_core
+from components.naming import experiment_name, registered_model_name
 from tfanet_core.bundle import read_metadata
 
 __all__ = [
@@ -48,12 +49,10 @@ __all__ = [
     "TrainingRun",
     "download_bundle",
     "encode_images",
-    "experiment_name",
     "flatten_metrics",
     "flatten_params",
     "log_training_run",
     "model_uri",
-    "registered_model_name",
     "version_by_alias",
 ]
 
@@ -68,14 +67,6 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema([ColSpec("double", "score"), ColSpec("double", "threshold"), ColSpec("boolean", "is_anomalous")]),
 )
-
-
-def experiment_name(product: str) -> str:
-    return f"tfanet-{product}"
-
-
-def registered_model_name(product: str) -> str:
-    return f"tfanet-{product}"
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

@@ -21,16 +21,18 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
+from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import DataError, open_image, open_mask_image
 from tfanet_core.data.layouts import GOOD, SPLITS
 from tfanet_core.data.manifest import Manifest
+from tfanet_core.errors import ConfigError
 
 __all__ = ["Problem", "ValidationFailed", "ValidationReport", "ValidationRules", "manifest_frame", "validate_manifest"]
 
@@ -59,23 +61,17 @@ class ValidationRules:
     def __post_init__(self) -> None:
         unknown = set(self.min_counts) - set(COUNT_GROUPS)
         if unknown:
-            raise ValueError(f"min_counts keys must be among {COUNT_GROUPS}, got {sorted(unknown)}")
+            raise ConfigError(f"min_counts keys must be among {COUNT_GROUPS}, got {sorted(unknown)}")
         if self.duplicates_within_split not in ("warning", "error"):
-            raise ValueError(
+            raise ConfigError(
                 f"duplicates_within_split must be 'warning' or 'error', not {self.duplicates_within_split!r}"
             )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ValidationRules:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown validation setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        p = dict(params)
-        for key in ("allowed_labels", "allowed_modes", "image_size"):
-            if p.get(key) is not None:
-                p[key] = tuple(p[key])
-        return cls(**p)
+        rules = section_from_mapping(cls, params, "params.yaml 'validate'")
+        as_tuples = {k: tuple(v) for k in ("allowed_labels", "allowed_modes", "image_size") if (v := getattr(rules, k))}
+        return replace(rules, **as_tuples)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
 
 
 def _arguments(args: argparse.Namespace, pipeline: str, products: list[str]) -> dict[str, Any]:
-    from components.steps import load_params
+    from components.params import load_params
     from pipelines.submit import dvc_version, pipeline_arguments
 
     arguments = pipeline_arguments(pipeline, load_params(args.params), products)

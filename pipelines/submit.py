@@ -159,7 +159,7 @@ def pipeline_arguments(pipeline: str, params: Mapping[str, Any], products: Itera
     ``training``/``retrain_on_drift`` take exactly one product; ``multi_product`` takes any
     (default: every product of params.yaml).
     """
-    from components.steps import product_params
+    from components.params import product_section
 
     products = list(products)
     sections = params.get("products") or {}
@@ -173,8 +173,8 @@ def pipeline_arguments(pipeline: str, params: Mapping[str, Any], products: Itera
     if pipeline in PER_PRODUCT:
         if len(products) != 1:
             raise ValueError(f"pipeline {pipeline} trains one product: pass exactly one --product")
-        section = product_params(params, products[0])
+        section = product_section(params, products[0])
         return {"product": products[0], "params": json.dumps(section, sort_keys=True), **common}
     chosen = products or list(sections)
-    items = [{"product": p, "params": json.dumps(product_params(params, p), sort_keys=True)} for p in chosen]
+    items = [{"product": p, "params": json.dumps(product_section(params, p), sort_keys=True)} for p in chosen]
     return {"products": items, **common}

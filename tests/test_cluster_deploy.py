@@ -28,10 +28,11 @@ from components.cluster_deploy import deploy_in_cluster, markdown
 from components.deploy import deploy_history
 from components.deploy_cli import probe_images
 from components.inference_gateway import make_server
-from components.serving.archive import build_archive, model_name
+from components.naming import registered_model_name, torchserve_model_name
+from components.serving.archive import build_archive
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.storage import S3Settings, ensure_bucket, s3_client
-from components.tracking import CHAMPION, log_training_run, registered_model_name
+from components.tracking import CHAMPION, log_training_run
 from tfanet_core.config import load_config
 from tfanet_core.predictor import Predictor
 
@@ -77,7 +78,7 @@ def test_cluster_deploy_goes_live_on_parity_and_rolls_back_an_altered_archive(
     ts = TorchServeClient.from_state_dir(torchserve)
     registry = MlflowClient()
     product = f"fabric-{uuid.uuid4().hex[:8]}"
-    name, reg_name = model_name(product), registered_model_name(product)
+    name, reg_name = torchserve_model_name(product), registered_model_name(product)
     probes = probe_images(synth_root, "fabric", 2)
     a, b = bundles["a"], bundles["b"]
     altered: dict[str, Path] = {}  # version -> the bundle its archive is replaced with before the next pod start

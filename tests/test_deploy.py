@@ -27,13 +27,15 @@ from mlflow import MlflowClient
 import components.deploy as deploy_module
 from components.deploy import DeployDecision, ServingParams, deploy, deploy_history, rollback
 from components.deploy_cli import probe_images
+from components.naming import registered_model_name
 from components.promotion import GatePolicy, promote
 from components.serving.archive import read_manifest
 from components.serving.parity import check_parity
 from components.serving.torchserve import TorchServeClient
-from components.tracking import CHAMPION, log_training_run, registered_model_name
+from components.tracking import CHAMPION, log_training_run
 from tfanet_core.cli import main as tfanet_main
 from tfanet_core.config import load_config
+from tfanet_core.errors import ConfigError
 from tfanet_core.predictor import Predictor
 
 OCTET = "application/octet-stream"
@@ -73,7 +75,7 @@ def _registered(client: TorchServeClient, product: str) -> list[str]:
 
 def test_serving_params_and_probe_selection(synth_root: Path) -> None:
     assert ServingParams.from_params({"batch_size": 4, "max_batch_delay_ms": 20}) == ServingParams(4, 20)
-    with pytest.raises(ValueError, match="unknown serving setting"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batchsize'\] in params.yaml 'serving'"):
         ServingParams.from_params({"batchsize": 4})
     with pytest.raises(ValueError, match="keep_versions must be >= 1"):
         ServingParams(keep_versions=0)

@@ -239,7 +239,7 @@ def test_retrain_on_drift_takes_the_drift_report_and_deploys_only_when_promoted(
 
 def test_params_yaml_sections_travel_as_json_with_their_types() -> None:
     """kfp turns dict parameters into Structs (ints become floats), so sections are JSON strings."""
-    from components.steps import load_params
+    from components.params import load_params
     from pipelines.submit import _checked, pipeline_arguments
 
     params = load_params(REPO / "params.yaml")

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from components import supervisor
+from components.naming import torchserve_model_name
 from components.serving import server
-from components.serving.archive import build_archive, model_name, read_manifest
+from components.serving.archive import build_archive, read_manifest
 from components.serving.handler import TFANetHandler
 from components.serving.parity import check_parity
 from components.serving.payload import (
@@ -310,7 +311,7 @@ def served(
         bundles = {"fabric": fabric_bundle, "bracket": bracket_bundle}
         for product, bundle in bundles.items():
             mar = build_archive(bundle, product, "1", state / "model_store")
-            client.register(mar.name, model_name(product), batch_size=4, max_batch_delay_ms=20)
+            client.register(mar.name, torchserve_model_name(product), batch_size=4, max_batch_delay_ms=20)
         probes = {
             "fabric": [synth_root / "fabric" / "test" / d / "000.png" for d in ("good", "hole", "stain")],
             "bracket": [synth_root / "bracket" / "test" / d / "000.png" for d in ("good", "scratch", "missing_part")],
@@ -344,7 +345,7 @@ def test_requests_without_the_token_are_refused(served: Served, good_png: bytes)
 def test_two_products_served_at_once_match_their_bundles(served: Served) -> None:
     assert set(served.client.models()) == {"tfanet-fabric", "tfanet-bracket"}
     for product, bundle in served.bundles.items():
-        report = check_parity(served.client, model_name(product), bundle, served.probes[product])
+        report = check_parity(served.client, torchserve_model_name(product), bundle, served.probes[product])
         assert report.passed, report.rows
         assert len(report.rows) == 3 and report.max_abs_diff <= 1e-4
     # the check can fail: the bracket bundle is not what serves tfanet-fabric
@@ -354,7 +355,7 @@ def test_two_products_served_at_once_match_their_bundles(served: Served) -> None
     fabric, bracket = served.probes["fabric"][1], served.probes["bracket"][1]
     jobs = [("fabric", fabric), ("bracket", bracket)] * 4
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda j: served.client.predict(model_name(j[0]), j[1].read_bytes()), jobs))
+        answers = list(pool.map(lambda j: served.client.predict(torchserve_model_name(j[0]), j[1].read_bytes()), jobs))
     expected = {
         p: Predictor.from_bundle(served.bundles[p], device="cpu").predict_paths([f])
         for p, f in (("fabric", fabric), ("bracket", bracket))

@@ -33,6 +33,7 @@ from components.tracking import (
     registered_model_name,
 )
 from tfanet_core.bundle import load_bundle, read_metadata
+from tfanet_core.errors import ConfigError
 from tfanet_core.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_gate_comparison_rules() -> None:
     assert [c.passed for c in compare({"image_auroc": 0.88, "aupro": 0.9}, champion, policy)] == [False, None, True]
     assert [c.passed for c in compare({"image_auroc": 0.95}, champion, policy)] == [True, None, False]  # aupro lost
     assert GatePolicy.from_params({"metrics": ["f1_max"], "tolerance": 0.002}) == GatePolicy(("f1_max",), 0.002)
-    with pytest.raises(ValueError, match="unknown promotion setting"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['tolerence'\] in params.yaml 'promotion'"):
         GatePolicy.from_params({"tolerence": 0.01})
     with pytest.raises(ValueError, match=">= 0"):
         GatePolicy(tolerance=-0.1)

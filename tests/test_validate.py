@@ -124,7 +124,7 @@ def test_manifest_frame_has_the_measured_columns(fabric_copy: Path) -> None:
 def test_rules_from_params() -> None:
     rules = ValidationRules.from_params({"allowed_labels": ["good", "hole"], "image_size": [256, 256]})
     assert rules.allowed_labels == ("good", "hole") and rules.image_size == (256, 256)
-    with pytest.raises(ValueError, match="unknown validation setting"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['allowed_label'\] in params.yaml 'validate'"):
         ValidationRules.from_params({"allowed_label": ["good"]})
     with pytest.raises(ValueError, match="min_counts keys"):
         ValidationRules(min_counts={"training": 1})

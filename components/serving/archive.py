@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from components.naming import torchserve_model_name
 from components.serving.handler import BUNDLE_DIR, MANIFEST_FILE
 from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE, read_metadata
 
@@ -34,11 +35,6 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class ArchiveError(RuntimeError):
     """The archive could not be built; the message says why and what to do."""
-
-
-def model_name(product: str) -> str:
-    """The TorchServe model name of a product (also the MLflow registered model name)."""
-    return f"tfanet-{product}"
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +73,7 @@ def build_archive(
     if not _VERSION.match(str(model_version)):
         raise ArchiveError(f"model version {model_version!r} must be letters, digits, _ . - (e.g. the registry's '3')")
     meta = read_metadata(bundle)
-    name = model_name(product)
+    name = torchserve_model_name(product)
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
