@@ -156,8 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from tfanet_core.data.synth import generate
 
-    products = generate(args.out, seed=args.seed)
-    print(json.dumps({"out": str(args.out), "seed": args.seed, "products": products}))
+    products = generate(args.out, seed=args.seed, n_train=args.n_train)
+    print(json.dumps({"out": str(args.out), "seed": args.seed, "n_train": args.n_train, "products": products}))
     return 0
 
 
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the synthetic MVTec-layout dataset")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=40, help="normal training images per product (default: %(default)s)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("template", help="choose the template image and write the choice with its evidence")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from components.naming import torchserve_model_name
 from components.serving import server as torchserve
 from components.serving.torchserve import TorchServeClient
 from components.stack import LocalStack
@@ -32,6 +33,13 @@ BIN = Path(sys.executable).parent
 REMOTE = "store"
 REMOTE_URL = "s3://dvc/store"
 TORCHSERVE_DIR = Path(os.environ.get("TFANET_TORCHSERVE_DIR", ".tfanet/torchserve"))
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+}
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None, quiet: bool = False) -> str:
@@ -90,7 +98,7 @@ class Demo:
         if root.is_dir():
             print(f"    {root} exists: kept (delete it to regenerate)")
         else:
-            products = generate(root, seed=int(data.get("synth_seed", 0)))
+            products = generate(root, seed=int(data.get("synth_seed", 0)), n_train=int(data.get("synth_train", 40)))
             print(f"    generated {root}: products {', '.join(products)}")
         _dvc("add", "-q", data["root"])
         _dvc("push", "-q", env=self.env)
@@ -101,25 +109,36 @@ class Demo:
         # DVC cannot see TorchServe's state: a server started since the last deploy serves nothing yet.
         for product in self.params["products"]:
             record = json.loads((ROOT / "runs" / product / "deploy.json").read_text())
-            if record["serving"] and f"tfanet-{product}" not in self.torchserve.models():
+            if record["serving"] and torchserve_model_name(product) not in self.torchserve.models():
                 print(f"    TorchServe was restarted since {product} was deployed: deploying its champion again")
                 _dvc("repro", "-f", "-s", f"deploy@{product}", env=self.env)
 
     def send_images(self) -> None:
-        """What a line camera does: POST image bytes, get a verdict back."""
-        from tfanet_core.data.layouts import discover
+        """What a line camera does: POST image bytes, get a verdict back; says plainly when a verdict is wrong."""
+        from tfanet_core.data.manifest import Manifest
 
-        for product, section in self.params["products"].items():
-            category = (section.get("data") or {}).get("category", product)
-            test = [s for s in discover(ROOT / self.params["data"]["root"], category) if s.split == "test"]
+        data_root = ROOT / self.params["data"]["root"]
+        wrong = []
+        for product in self.params["products"]:
+            test = Manifest.read(ROOT / "runs" / product / "manifest.csv", data_root).samples("test")
             good = next(s for s in test if not s.is_anomalous)
             bad = next(s for s in test if s.is_anomalous)
             for label, sample in (("good", good), ("defective", bad)):
-                resp = self.torchserve.predict(f"tfanet-{product}", sample.path.read_bytes())
+                resp = self.torchserve.predict(
+                    torchserve_model_name(product),
+                    sample.path.read_bytes(),
+                    content_type=IMAGE_TYPES[sample.path.suffix],
+                )
                 if resp.status != 200:
                     raise SystemExit(f"demo: TorchServe answered {resp.status} for {sample.path}: {resp.message}")
+                answer = resp.json()
+                verdict = "FLAGGED" if answer["is_anomalous"] else "passed"
+                if answer["is_anomalous"] != sample.is_anomalous:
+                    wrong.append(f"{product} {label} image {sample.path.name} {verdict}")
                 rel = sample.path.relative_to(ROOT)
-                print(f"    {product} {label:<9} {rel}\n      -> {json.dumps(resp.json())}")
+                print(f"    {product} {label:<9} {rel}: {verdict}\n      -> {json.dumps(answer)}")
+        if wrong:
+            print(f"    WRONG VERDICTS: {'; '.join(wrong)}: the demo model is not good enough on these images")
 
     def summary(self) -> None:
         print(f"\n{'product':<10} {'image_auroc':>11} {'pixel_auroc':>11} {'aupro':>7} {'f1_max':>7}  registry  served")
@@ -141,9 +160,23 @@ class Demo:
         print(
             "More: dvc metrics show | dvc params diff | dvc plots show | dvc exp run -S products.fabric.train.lr=5e-4"
         )
-        print(f"Endpoint: curl -H 'Authorization: Bearer <inference key in {TORCHSERVE_DIR}/key_file.json>' \\")
-        print(f"            --data-binary @image.png {self.torchserve.inference}/predictions/tfanet-<product>")
+        print("Endpoint (README 'Calling the endpoint'; the Content-Type header is needed, see there):")
+        key_file = TORCHSERVE_DIR / "key_file.json"
+        print(f"  {curl_command(self.torchserve.inference, key_file, 'fabric', 'image.png')}")
         print("Stop the servers: make stop")
+
+
+def curl_command(inference_url: str, key_file: Path, product: str, image: str) -> str:
+    """A curl line that works when pasted: the inference key read from the state dir, the image's Content-Type.
+
+    Without ``Content-Type`` curl sends ``--data-binary`` as a form (application/x-www-form-urlencoded) and
+    TorchServe's front end fails on it with HTTP 500 before the model's handler runs.
+    """
+    key = f"python3 -c 'import json; print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])'"
+    return (
+        f'curl -H "Authorization: Bearer $({key})" -H "Content-Type: image/png" '
+        f"--data-binary @{image} {inference_url}/predictions/{torchserve_model_name(product)}"
+    )
 
 
 def main() -> int:
