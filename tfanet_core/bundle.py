@@ -41,6 +41,7 @@ class Bundle:
     thresholds: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)  # {"runtime": "openvino"}: how to serve it by default
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class Bundle:
             "thresholds": self.thresholds,
             "dataset": self.dataset,
             "training": self.training,
+            "serving": self.serving,
         }
 
     def save(self, path: Path | str) -> Path:
@@ -109,4 +111,5 @@ def load_bundle(path: Path | str, map_location: str | torch.device = "cpu") -> B
         thresholds=meta.get("thresholds", {}),
         dataset=meta.get("dataset", {}),
         training=meta.get("training", {}),
+        serving=meta.get("serving", {}),
     )
