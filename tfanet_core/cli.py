@@ -225,14 +225,6 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tfanet_core.bench import run_bench
-
-    result = run_bench(args.out, quick=args.quick, threads=args.threads, progress=not args.quiet, compile=args.compile)
-    print(json.dumps({"markdown": result["files"]["markdown"], "json": result["files"]["json"]}))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfanet", description="TFA-Net anomaly detection: train, evaluate, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -339,14 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     for q in cache_sub.choices.values():
         q.add_argument("--cache-dir", default=None, help="default: $TFANET_CACHE_DIR or ~/.cache/tfanet/features")
         q.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("bench", help="speed and memory of the profiles on this machine (markdown + JSON)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: checks the harness, not speed")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="tfanet.commands"):
         ep.load()(sub)

@@ -141,9 +141,7 @@ def compare_scores(
     abs_diff = (scores - reference).abs()
     relative = abs_diff / reference.abs().clamp_min(1e-12)
     flips = 0 if threshold is None else int(((scores > threshold) != (reference > threshold)).sum())
-    parity = Parity(
-        runtime, tolerance, len(reference), float(relative.max()), float(abs_diff.max()), flips, threshold
-    )
+    parity = Parity(runtime, tolerance, len(reference), float(relative.max()), float(abs_diff.max()), flips, threshold)
     if not bool(torch.isfinite(scores).all()):
         parity.reasons.append(f"{runtime} returned non-finite scores")
     if parity.max_relative_difference > tolerance:
@@ -176,9 +174,7 @@ class ExportedModel:
         return torch.from_numpy(np.asarray(score)), torch.from_numpy(np.asarray(amap))
 
 
-def _load_runtime(
-    directory: Path, fmt: str, threads: int
-) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -212,7 +208,9 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise ExportError(f"{directory} is not a tfanet export: {MANIFEST_FILE} is missing (write one with `tfanet export`)")
+        raise ExportError(
+            f"{directory} is not a tfanet export: {MANIFEST_FILE} is missing (write one with `tfanet export`)"
+        )
     manifest = json.loads(path.read_text())
     for name, expected in manifest.get("files", {}).items():
         if not (directory / name).is_file():
