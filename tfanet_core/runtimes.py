@@ -125,6 +125,11 @@ class Parity:
     threshold: float | None
     reasons: list[str] = field(default_factory=list)
 
+    @classmethod
+    def refusal(cls, runtime: str, tolerance: float, threshold: float | None, reason: str) -> Parity:
+        """The verdict on an export that could not even be scored (missing, altered, another bundle's)."""
+        return cls(runtime, tolerance, 0, float("nan"), float("nan"), 0, threshold, [reason])
+
     @property
     def passed(self) -> bool:
         return not self.reasons
@@ -335,7 +340,7 @@ def verify_export(
     runtime = "unknown"
 
     def refused(reason: str) -> Parity:
-        return Parity(runtime, tolerance, 0, float("nan"), float("nan"), 0, reference.threshold, [reason])
+        return Parity.refusal(runtime, tolerance, reference.threshold, reason)
 
     try:
         manifest = read_manifest(directory)
