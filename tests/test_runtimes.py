@@ -47,6 +47,12 @@ def _random_bundle(seed: int) -> Bundle:
     return bundle
 
 
+@pytest.fixture(autouse=True)
+def _export_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exports made on first use go to the test's folder, never the user's cache."""
+    monkeypatch.setenv("TFANET_EXPORT_DIR", str(tmp_path / "export-cache"))
+
+
 @pytest.fixture(scope="module")
 def bundle() -> Bundle:
     return _random_bundle(0)

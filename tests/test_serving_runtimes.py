@@ -33,6 +33,12 @@ from tfanet_core.runtimes import MANIFEST_FILE, PARITY_TOLERANCE, bundle_digest,
 OCTET = "application/octet-stream"
 
 
+@pytest.fixture(autouse=True)
+def _export_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exports made on first use go to the test's folder, never the user's cache."""
+    monkeypatch.setenv("TFANET_EXPORT_DIR", str(tmp_path / "export-cache"))
+
+
 @pytest.fixture(scope="module")
 def served_bundle(fabric_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained fabric bundle with ``serving.runtime: openvino`` (what `tfanet export --serve` records)."""
@@ -168,4 +174,3 @@ def test_deploy_serves_the_export_and_refuses_an_altered_one(
     assert refused.export_parity["max_relative_difference"] > PARITY_TOLERANCE
     assert registry.get_model_version(name, "2").tags["deploy.status"] == "refused"
     assert client.predict(model_name(product), probes[0].read_bytes()).json()["model_version"] == "1"
-

@@ -62,7 +62,7 @@ def check_parity(
     paths = [Path(p) for p in probe_images]
     if not paths:
         raise ValueError("check_parity needs at least one probe image")
-    reference = Predictor.from_bundle(bundle, device="cpu").predict_paths(paths)
+    reference = Predictor.from_bundle(bundle, device="cpu", runtime="torch").predict_paths(paths)  # never an export
     report = ParityReport(model_name, version, tolerance)
     for path, ref in zip(paths, reference, strict=True):
         resp = client.predict(model_name, path.read_bytes(), version=version)
