@@ -143,7 +143,7 @@ def test_deploy_serves_the_export_and_refuses_an_altered_one(
     assert first.export_parity["runtime"] == "openvino" and first.export_parity["images"] == 4
     assert first.export_parity["max_relative_difference"] <= PARITY_TOLERANCE
     assert json.loads((tmp_path / "deploy.json").read_text())["export_parity"]["passed"]
-    assert read_manifest(first.archive)["runtime"] == "openvino"  # type: ignore[arg-type]
+    assert first.archive is not None and read_manifest(first.archive)["runtime"] == "openvino"
     run_id = first_version.run_id
     logged = {a.path for a in registry.list_artifacts(run_id, f"{EXPORT_ARTIFACT}/openvino")}
     assert f"{EXPORT_ARTIFACT}/openvino/model.xml" in logged and f"{EXPORT_ARTIFACT}/openvino/{MANIFEST_FILE}" in logged

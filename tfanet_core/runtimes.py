@@ -189,7 +189,12 @@ def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarr
         session = ort.InferenceSession(
             str(directory / GRAPH_FILES["onnx"][0]), options, providers=["CPUExecutionProvider"]
         )
-        return lambda x: tuple(session.run(["score", "map"], {"images": x}))  # type: ignore[return-value]
+
+        def run_onnx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            score, amap = session.run(["score", "map"], {"images": x})
+            return score, amap
+
+        return run_onnx
     if fmt == "openvino":
         import openvino as ov
 
