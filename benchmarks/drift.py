@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tfanet_core.bench import machine_info
+from benchmarks.machine import machine_info
 from tfanet_core.config import load_config
 from tfanet_core.data.images import image_to_tensor, load_rgb
 from tfanet_core.data.layouts import discover, split_validation

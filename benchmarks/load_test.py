@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/load_test.py                       # tiny bundle trained on synthetic data
     .venv/bin/python benchmarks/load_test.py --bundle runs/demo/bundles/fabric --product fabric
+    .venv/bin/python benchmarks/load_test.py --profile cpu --runtime openvino  # the exported graph in the handler
 
 Starts its own TorchServe (free loopback ports, token auth on, state in a temp dir), registers the
 bundle's archive with server-side batching, sends warm-up requests (not counted), then exactly
 ``--requests`` PNG requests from ``--concurrency`` threads over keep-alive connections. Every answer
 is checked: HTTP 200 *and* the score equal to the bundle's own score for that image (1e-4), so
-"errors" counts wrong answers as well as failures. Writes ``<out>.json`` and ``<out>.md``.
+"errors" counts wrong answers as well as failures. With ``--runtime onnxruntime|openvino`` the archive
+carries the bundle's parity-checked export and the handler runs it. After the server stops, the same images
+are scored in-process by the same runtime (decoding included, batches of ``--batch-size``): the served
+figure's ceiling on this machine in the same run. Writes ``<out>.json`` and ``<out>.md``.
 
 Client and server share the machine's cores, so the figures are a lower bound for the server alone.
 """
@@ -38,6 +42,7 @@ from components.serving.archive import build_archive
 from components.serving.torchserve import TorchServeClient
 from tfanet_core.bundle import read_metadata
 from tfanet_core.predictor import Predictor
+from tfanet_core.runtimes import export_bundle, format_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +67,8 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _train_tiny(work: Path, product: str) -> tuple[Path, Path]:
-    """A tiny-profile bundle on the synthetic dataset: speed does not depend on how well it is trained."""
+def _train(work: Path, product: str, profile: str) -> tuple[Path, Path]:
+    """A bundle of ``profile`` briefly trained on the synthetic dataset: speed does not depend on how well."""
     from tfanet_core.config import load_config
     from tfanet_core.data.synth import generate
     from tfanet_core.workflow import train_category
@@ -71,7 +76,7 @@ def _train_tiny(work: Path, product: str) -> tuple[Path, Path]:
     data = work / "synth"
     generate(data, seed=0)
     bundle = work / "bundle"
-    config = load_config("tiny", ["train.epochs=2", "calibration.target_fpr=0.25"])
+    config = load_config(profile, [f"train.epochs={2 if profile == 'tiny' else 1}", "calibration.target_fpr=0.25"])
     train_category(data, product, config, bundle, device="cpu", progress=True)
     return bundle, data / product / "test"
 
@@ -129,20 +134,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tfanet-load-") as tmp:
         work = Path(tmp)
         if args.bundle is None:
-            bundle, test_dir = _train_tiny(work, args.product)
+            bundle, test_dir = _train(work, args.product, args.profile)
         else:
             bundle, test_dir = args.bundle, args.images
         paths = sorted(p for p in Path(test_dir).rglob("*.png"))[: args.distinct_images]
         if not paths:
             raise SystemExit(f"no PNG images under {test_dir}: pass --images DIR")
         images = [p.read_bytes() for p in paths]
-        expected = [pred.score for pred in Predictor.from_bundle(bundle, device="cpu").predict_paths(paths)]
+        reference = Predictor.from_bundle(bundle, device="cpu", runtime="torch")
+        expected = [pred.score for pred in reference.predict_paths(paths)]
+        export = None
+        if args.runtime != "torch":
+            export = export_bundle(reference, format_of(args.runtime), work / "export")
         meta = read_metadata(bundle)
         state = work / "torchserve"
         server.start(state, server.free_ports())
         try:
             client = TorchServeClient.from_state_dir(state)
-            mar = build_archive(bundle, args.product, "1", state / "model_store")
+            mar = build_archive(bundle, args.product, "1", state / "model_store", export=export)
             name = torchserve_model_name(args.product)
             client.register(mar.name, name, batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms)
             for data in images[: args.warmup]:
@@ -169,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load.bar.close()
         finally:
             server.stop(state)
+        in_process = _in_process(bundle, args.runtime, export, paths, args.batch_size)
     lat_ms = np.array(load.latencies) * 1000
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -178,7 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "backbone": meta["backbone"]["tag"],
             "image_size": meta["config"]["features"]["image_size"],
             "product": args.product,
-            "bundle": "tiny profile, 2 epochs on the synthetic dataset" if args.bundle is None else str(args.bundle),
+            "bundle": f"{args.profile} profile, briefly trained on the synthetic dataset"
+            if args.bundle is None
+            else str(args.bundle),
+            "runtime": args.runtime,
         },
         "server": {
             "torchserve": "0.12.0",
@@ -200,6 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_errors": load.errors[:5],
             "wall_s": round(wall, 2),
             "throughput_rps": round(args.requests / wall, 2),
+            "in_process_images_per_s": round(in_process, 2),
+            "served_fraction_of_in_process": round(args.requests / wall / in_process, 3),
             "latency_ms": {
                 "p50": round(float(np.percentile(lat_ms, 50)), 1),
                 "p90": round(float(np.percentile(lat_ms, 90)), 1),
@@ -209,6 +224,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         },
     }
+
+
+def _in_process(bundle: Path, runtime: str, export: Path | None, paths: list[Path], batch_size: int) -> float:
+    """Images/s of the same runtime in this process on the same files (decoding included), best of 3 passes."""
+    predictor = Predictor.from_bundle(bundle, device="cpu", batch_size=batch_size, runtime=runtime, export_dir=export)
+    predictor.predict_paths(paths[:batch_size])  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.predict_paths(paths)
+        best = min(best, time.perf_counter() - start)
+    return len(paths) / best
 
 
 def to_markdown(r: dict[str, Any]) -> str:
@@ -223,17 +250,22 @@ Measured {r["date"]} by `benchmarks/load_test.py`.
 torch {m["torch"]}. Client and server share these cores; 1-min load average {la["before"]:.1f} before and \
 {la["after"]:.1f} after the run (other jobs on the machine count too).
 - **Model**: {mod["profile"]} profile, backbone `{mod["backbone"]}`, {mod["image_size"]} px input, product \
-`{mod["product"]}` ({mod["bundle"]}).
+`{mod["product"]}` ({mod["bundle"]}); runtime in the handler: **{mod["runtime"]}**.
 - **Server**: TorchServe {s["torchserve"]}, {s["workers"]} worker, server-side batching batch_size={s["batch_size"]}, \
 max_batch_delay={s["max_batch_delay_ms"]} ms, token authorization on.
 - **Load**: {ld["requests"]} requests at concurrency {ld["concurrency"]} ({ld["transport"]}; {ld["distinct_images"]} \
 distinct synthetic {mod["image_size"]} px images, mean {ld["image_bytes_mean"]} B), after {ld["warmup_requests"]} \
 warm-up requests. An error is any non-200 answer or a score that differs from the bundle's by more than {TOLERANCE}.
 
-| requests | concurrency | errors | throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | wall (s) |
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| {ld["requests"]} | {ld["concurrency"]} | {res["errors"]} | {res["throughput_rps"]} | {lat["p50"]} | {lat["p90"]} | \
+| requests | concurrency | errors | throughput (req/s) | in-process (images/s) | served / in-process | \
+p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | wall (s) |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| {ld["requests"]} | {ld["concurrency"]} | {res["errors"]} | {res["throughput_rps"]} | \
+{res["in_process_images_per_s"]} | {res["served_fraction_of_in_process"]:.0%} | {lat["p50"]} | {lat["p90"]} | \
 {lat["p99"]} | {lat["max"]} | {res["wall_s"]} |
+
+*In-process*: the same runtime scoring the same files in this process after the server stopped (PNG decoding
+included, batches of {s["batch_size"]}, best of 3 passes): what the served figure is measured against.
 """
 
 
@@ -242,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: train a tiny one on synthetic data)")
     parser.add_argument("--images", type=Path, help="PNG images to send (required with --bundle)")
     parser.add_argument("--product", default="fabric")
+    parser.add_argument("--profile", default="tiny", help="profile of the trained bundle when no --bundle is given")
+    parser.add_argument("--runtime", default="torch", help="torch | onnxruntime | openvino (the handler runs it)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -36,7 +36,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from components.naming import registered_model_name, torchserve_model_name
 from components.serving.archive import build_archive
-from components.serving.parity import DEFAULT_TOLERANCE, check_parity
+from components.serving.parity import DEFAULT_TOLERANCE, check_parity, export_for_serving
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CANDIDATE, CHAMPION, download_bundle, version_by_alias
 from tfanet_core.config import section_from_mapping
@@ -100,6 +100,7 @@ class DeployDecision:
     previous_default: str | None  # TorchServe's default before the step
     serving: str | None
     parity_max_abs_diff: float | None = None
+    export_parity: dict[str, Any] | None = None  # the exported runtime's gate (runtimes.Parity); None on torch
     archive: str | None = None
     history: tuple[str, ...] = ()
     decided_at: str = ""
@@ -168,11 +169,12 @@ def _serve_version(
     probes: Sequence[Path],
     serving: ServingParams,
     tolerance: float,
-) -> tuple[Path, float, str | None]:
+) -> tuple[Path | None, float, str | None, dict[str, Any] | None]:
     """Register registry version ``mv`` in TorchServe (not yet default), warm it, check parity.
 
-    Returns (archive, max |served - bundle| score, failure reason or None). On failure the version
-    is unregistered again, so nothing half-checked stays registered.
+    Returns (archive, max |served - bundle| score, failure reason or None, the export gate's figures). An
+    export that fails its gate is refused before anything is built or registered; on a served-parity
+    failure the version is unregistered again, so nothing half-checked stays registered.
     """
     name = torchserve_model_name(product)
     version = str(mv.version)
@@ -180,6 +182,10 @@ def _serve_version(
         client.unregister(name, version)  # a leftover of an interrupted deploy: rebuild it from the registry
     with tempfile.TemporaryDirectory(prefix=f"{name}-v{version}-") as tmp:
         bundle = download_bundle(f"models:/{mv.name}/{version}", Path(tmp) / "model")
+        export, gate = export_for_serving(bundle, mv.run_id, Path(tmp) / "export", probes)
+        figures = gate.to_json() if gate is not None else None
+        if gate is not None and not gate.passed:
+            return None, math.nan, f"export gate failed for v{version}: " + "; ".join(gate.reasons), figures
         mar = build_archive(
             bundle,
             product,
@@ -187,6 +193,8 @@ def _serve_version(
             model_store,
             source={"kind": "mlflow", "model": mv.name, "version": version, "run_id": mv.run_id},
             filename=f"{name}-v{version}.mar",
+            export=export,
+            workers=serving.workers,
         )
         client.register(
             mar.name,
@@ -205,7 +213,7 @@ def _serve_version(
             client.unregister(name, version)
             raise
     if report.passed:
-        return mar, report.max_abs_diff, None
+        return mar, report.max_abs_diff, None, figures
     # Not the default (set-default comes only after parity), unless it is the product's first version,
     # which TorchServe serves from registration on: then, as before the step, nothing is served.
     client.unregister(name, version)
@@ -215,6 +223,7 @@ def _serve_version(
         report.max_abs_diff,
         f"parity failed: served scores of v{version} differ from its bundle's by up to {report.max_abs_diff:.3g} "
         f"(> {tolerance:g}; worst probe {worst['path']}); check the archive and the server's torch build",
+        figures,
     )
 
 
@@ -290,12 +299,14 @@ def deploy(
             _tag(registry, reg_name, candidate.version, {"deploy.status": "not_deployed", "deploy.reason": reason})
         return decide(UNCHANGED, reason, previous)
 
-    mar, diff, failure = _serve_version(client, champion, product, Path(model_store), paths, serving, tolerance)
-    tags = {"deploy.parity_max_abs_diff": f"{diff:.3g}", "deploy.archive": mar.name, "deploy.decided_at": _now()}
+    mar, diff, failure, gate = _serve_version(client, champion, product, Path(model_store), paths, serving, tolerance)
+    tags = {"deploy.parity_max_abs_diff": f"{diff:.3g}", "deploy.archive": mar.name if mar else "none"}
+    tags |= {"deploy.decided_at": _now(), **({"deploy.export_parity": json.dumps(gate)} if gate else {})}
+    found = {"parity_max_abs_diff": diff, "export_parity": gate, "archive": str(mar) if mar else None}
     if failure is not None:
         reason = f"{failure}; " + (f"v{previous} keeps serving" if previous else "nothing is served")
         _tag(registry, reg_name, version, {**tags, "deploy.status": REFUSED, "deploy.reason": reason})
-        return decide(REFUSED, reason, served_default(client, name), parity_max_abs_diff=diff, archive=str(mar))
+        return decide(REFUSED, reason, served_default(client, name), **found)
     client.set_default(name, version)
     history.append(version)
     registry.set_registered_model_tag(reg_name, HISTORY_TAG, ",".join(history))
@@ -309,7 +320,7 @@ def deploy(
         version,
         {**tags, "deploy.status": DEPLOYED, "deploy.reason": reason, "deploy.served_at": _now()},
     )
-    return decide(DEPLOYED, reason, version, parity_max_abs_diff=diff, archive=str(mar))
+    return decide(DEPLOYED, reason, version, **found)
 
 
 def rollback(
@@ -345,7 +356,7 @@ def rollback(
     diff: float | None = None
     mar: Path | None = None
     if target not in _registered_versions(client, name):
-        mar, diff, failure = _serve_version(
+        mar, diff, failure, _ = _serve_version(
             client, registry.get_model_version(reg_name, target), product, Path(model_store), paths, serving, tolerance
         )
         if failure is not None:

@@ -1,4 +1,5 @@
-"""`tfanet bench --quick` writes well-formed results (speed itself is never asserted); the fast path keeps scores."""
+"""`tfanet bench --quick` writes well-formed, self-consistent results (speed itself is never asserted); the fast
+path and the exported runtimes keep scores."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfanet_core.bench import FAST_PATH_TOLERANCE, INT8_TOLERANCE, gemm_gflops
+from benchmarks import machine
 from tfanet_core.cli import main
-from tfanet_core.predictor import Predictor
+from tfanet_core.predictor import FAST_PATH_TOLERANCE, INT8_TOLERANCE, Predictor
+from tfanet_core.runtimes import PARITY_TOLERANCE
 
 
 @pytest.mark.slow
@@ -21,32 +23,82 @@ def test_quick_bench_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Cap
     assert files == {"markdown": str(tmp_path / "perf.md"), "json": str(tmp_path / "perf.json")}
 
     assert result["quick"] is True and result["machine"]["threads"] == 2
-    assert result["roofline_gflops"] > 0 and len(result["load_average_start"]) == 3
+    assert len(result["load_average_start"]) == 3 and len(result["load_average_end"]) == 3
     tiny = result["profiles"]["tiny"]
+    samples = [result["gemm_gflops_start"], result["gemm_gflops_end"], tiny["gemm_gflops"]]
+    assert result["roofline_gflops"] == max(samples)
     assert set(tiny["throughput"]) == {"1", "8"}
-    assert all(t["images_per_s"] > 0 and t["cpu_share"] > 0 for t in tiny["throughput"].values())
+    for batch, t in tiny["throughput"].items():
+        assert t["images_per_s"] == pytest.approx(int(batch) / t["best_s"])
+        assert t["gflops_achieved"] == pytest.approx(t["images_per_s"] * tiny["gflop_per_image"])
+        assert t["best_s"] <= t["median_s"] and 0 < t["cpu_share"] <= 1.5
     assert tiny["latency_ms"]["p50"] <= tiny["latency_ms"]["p99"]
     assert tiny["peak_rss_mib_batch8"] > 100
+
     variants = {v["variant"]: v for v in tiny["variants"]}
-    assert variants["plain (fp32, contiguous)"]["speedup"] == 1.0
-    assert {"default, 1 thread", "default + int8 linear layers"} <= set(variants)
+    assert set(variants) == {
+        "plain (fp32, contiguous)",
+        "default (channels-last)",
+        "default + int8 linear layers",
+        "default, 1 thread",
+    }
+    plain = variants["plain (fp32, contiguous)"]
+    for v in variants.values():  # every speed-up is the ratio of the two rows' own speeds
+        assert v["speedup"] == pytest.approx(v["images_per_s"] / plain["images_per_s"])
     assert variants["default (channels-last)"]["max_relative_score_difference"] <= FAST_PATH_TOLERANCE
+    assert variants["default + int8 linear layers"]["max_relative_score_difference"] > 0  # int8 does move scores
     assert [r["image_size"] for r in tiny["image_sizes"]] == [128, 160]
+
+    runtimes = {r["runtime"]: r for r in tiny["runtimes"]}
+    assert list(runtimes) == ["torch", "onnxruntime", "openvino"]
+    assert runtimes["torch"]["max_relative_score_difference"] == 0.0 and runtimes["torch"]["export_s"] is None
+    for name in ("onnxruntime", "openvino"):
+        row = runtimes[name]
+        assert 0 < row["max_relative_score_difference"] <= PARITY_TOLERANCE and row["export_s"] > 0
+        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p99"] and row["latency_ms"]["runs"] == 3
+        b8 = row["batches"]["8"]
+        torch_b8 = runtimes["torch"]["batches"]["8"]["images_per_s"]
+        assert b8["speedup_over_torch"] == pytest.approx(b8["images_per_s"] / torch_b8)
+        assert b8["roofline_fraction"] == pytest.approx(
+            b8["images_per_s"] * tiny["gflop_per_image"] / tiny["gemm_gflops"]
+        )
 
     training = result["training"]
     assert [r["n_images"] for r in training["epochs"]] == [4, 8]
     assert all(r["warm_extract_s"] > 0 and r["cold_cache_mib"] > 0 for r in training["epochs"])
     assert 0 < training["float16_cache"]["max_error_over_channel_max"] <= 2**-11
-    assert {g["met"] for g in result["goals"]} <= {True, False} and len(result["goals"]) == 4
+
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert len(goals) == 8
+    fast = next(g for name, g in goals.items() if name.startswith("default fast path"))
+    worst = max(
+        variants["default (channels-last)"]["max_relative_score_difference"],
+        training["scores"]["channels_last_max_relative_difference"],
+    )
+    assert fast["met"] is (worst <= FAST_PATH_TOLERANCE) and fast["measured"] == f"max {worst:.1e}"
+    parity = next(g for name, g in goals.items() if name.startswith("every exported runtime"))
+    assert parity["met"] is True
 
     markdown = (tmp_path / "perf.md").read_text()
-    for heading in ("## Goals", "## Inference", "## Fast path", "## Image size", "## Training epoch", "## float16"):
+    for heading in (
+        "## Goals",
+        "## Inference",
+        "## Exported runtimes",
+        "## Fast path",
+        "## Image size",
+        "## Training epoch",
+        "## float16",
+    ):
         assert heading in markdown
+    assert "| tiny | openvino " in markdown and "| tiny | onnxruntime " in markdown
     assert "--quick" in markdown and "Load average" in markdown and "Machine:" in markdown
 
 
-def test_gemm_roofline_is_measured() -> None:
-    assert gemm_gflops(128, repeats=2) > 0.1
+def test_gemm_roofline_is_flops_over_the_best_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: calls take 0.4 s, 0.2 s and 0.3 s, so the roofline is 2n³ over the best, 0.2 s."""
+    ticks = iter([0.0, 0.4, 1.0, 1.2, 2.0, 2.3])
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks))
+    assert machine.gemm_gflops(64, repeats=3) == pytest.approx(2 * 64**3 / 0.2 / 1e9)
 
 
 def test_int8_predictor_quantizes_linear_layers_and_keeps_scores(fabric_bundle: Path, synth_root: Path) -> None:

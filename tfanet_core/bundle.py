@@ -55,6 +55,7 @@ class Bundle:
     dataset: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     drift_reference: Reference | None = None
+    serving: dict[str, Any] = field(default_factory=dict)  # {"runtime": "openvino"}: how to serve it by default
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class Bundle:
             "thresholds": {level: t.to_dict() for level, t in self.thresholds.items()},
             "dataset": self.dataset,
             "training": self.training,
+            "serving": self.serving,
         }
 
     def save(self, path: Path | str) -> Path:
@@ -130,4 +132,5 @@ def load_bundle(path: Path | str, map_location: str | torch.device = "cpu") -> B
         dataset=meta.get("dataset", {}),
         training=meta.get("training", {}),
         drift_reference=Reference.load(path) if (path / REFERENCE_FILE).is_file() else None,
+        serving=meta.get("serving", {}),
     )

@@ -121,7 +121,14 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tfanet_core.predictor import Predictor
 
-    predictor = Predictor.from_bundle(args.bundle, device=args.device, batch_size=args.batch_size, int8=args.int8)
+    predictor = Predictor.from_bundle(
+        args.bundle,
+        device=args.device,
+        batch_size=args.batch_size,
+        int8=args.int8,
+        runtime=args.runtime,
+        export_dir=args.export_dir,
+    )
     paths = _expand(args.paths)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
@@ -133,6 +140,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "is_anomalous": pred.is_anomalous,
             }
             print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tfanet_core.bundle import load_bundle
+    from tfanet_core.predictor import Predictor
+    from tfanet_core.runtimes import FORMATS, export_bundle, read_manifest
+
+    bundle = load_bundle(args.bundle)
+    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    out = export_bundle(Predictor(bundle, device="cpu", runtime="torch"), args.format, args.out, **tolerance)
+    if args.serve:
+        bundle.serving = {**bundle.serving, "runtime": FORMATS[args.format]}
+        bundle.save(args.bundle)
+    manifest = read_manifest(out)
+    keys = ("format", "runtime", "runtime_version", "bundle_sha256")
+    print(json.dumps({"out": str(out), **{k: manifest[k] for k in keys}, "parity": manifest["parity"]}))
     return 0
 
 
@@ -221,14 +245,6 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tfanet_core.bench import run_bench
-
-    result = run_bench(args.out, quick=args.quick, threads=args.threads, progress=not args.quiet, compile=args.compile)
-    print(json.dumps({"markdown": result["files"]["markdown"], "json": result["files"]["json"]}))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfanet", description="TFA-Net anomaly detection: train, evaluate, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -265,7 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CPU only: int8 linear layers, faster, scores move slightly (see benchmarks/results/perf.md)",
     )
+    p.add_argument(
+        "--runtime",
+        default=None,
+        help="torch | onnxruntime | openvino: the last two run the exported graph on the CPU "
+        "(default: the bundle's serving runtime, else torch)",
+    )
+    p.add_argument(
+        "--export-dir",
+        type=Path,
+        default=None,
+        help="the export to run (default: $TFANET_EXPORT_DIR or ~/.cache/tfanet/exports; exported on first use)",
+    )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="the bundle's whole inference path as one ONNX / OpenVINO graph, parity-checked")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--format", required=True, help="onnx | openvino")
+    p.add_argument("--out", type=Path, required=True, help="export directory to write (replaced)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative score difference from the torch bundle (default: runtimes.PARITY_TOLERANCE, 1e-5)",
+    )
+    p.add_argument("--serve", action="store_true", help="also make this runtime the bundle's serving runtime")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics, curves and overlays on a category's test split")
     p.add_argument("--bundle", type=Path, required=True)
@@ -310,14 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     for q in cache_sub.choices.values():
         q.add_argument("--cache-dir", default=None, help="default: $TFANET_CACHE_DIR or ~/.cache/tfanet/features")
         q.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("bench", help="speed and memory of the profiles on this machine (markdown + JSON)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: checks the harness, not speed")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="tfanet.commands"):
         ep.load()(sub)

@@ -6,7 +6,8 @@ transformer runs under bf16 autocast; on the CPU in fp32, the backbone in channe
 format (oneDNN's faster convolutions, same scores). ``int8=True`` quantizes the transformer's
 linear layers dynamically (int8 weights and activations, fp32 accumulation): faster on the CPU
 but it moves scores, so it is opt-in; the speed-ups and score differences measured on this
-machine are in ``benchmarks/results/perf.md``.
+machine are in ``benchmarks/results/perf.md``. ``runtime="onnxruntime" | "openvino"`` runs images through
+the bundle's exported graph instead (``tfanet_core.runtimes``: exported on first use, refused out of parity).
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from PIL import Image
 
 from tfanet_core.bundle import Bundle, BundleError, load_bundle
 from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.errors import ConfigError
 from tfanet_core.features import FeatureExtractor
 from tfanet_core.model import TemplateAggregator
+from tfanet_core.runtimes import RUNTIMES, ExportedModel, load_or_export
 from tfanet_core.scoring import anomaly_map, image_score
+
+# The tolerances the product relies on, beside the code they bound (the benchmark checks them on every run):
+# the default fast path (batched, inference_mode, cached template tokens, channels-last backbone) is fp32 maths
+# in another order, so its scores may differ from the plain path's by rounding only (max relative difference).
+FAST_PATH_TOLERANCE = 1e-4
+# int8 dynamic quantization is opt-in (``int8=True``, `tfanet predict --int8`): accepted where its scores stay
+# within this relative tolerance *and* the image AUROC moves by at most INT8_AUROC_TOLERANCE.
+INT8_TOLERANCE = 0.05
+INT8_AUROC_TOLERANCE = 0.01
 
 
 @dataclass
@@ -56,6 +68,8 @@ class Predictor:
         batch_size: int = 8,
         extractor: FeatureExtractor | None = None,
         int8: bool = False,
+        runtime: str | None = None,
+        export_dir: Path | str | None = None,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
@@ -79,17 +93,43 @@ class Predictor:
             self.model = quantize_linear_int8(self.model)
         self.image_threshold = bundle.thresholds.get("image")
         self.pixel_threshold = bundle.thresholds.get("pixel")
+        self.runtime: str = "torch"
+        self.exported: ExportedModel | None = None  # the torch path first: an export is checked against it
+        self.runtime, self.exported = self._runtime(runtime, export_dir, int8)
 
     @property
     def threshold(self) -> float | None:
         """The image threshold's value: a score above it is anomalous (None: the bundle is not calibrated)."""
         return None if self.image_threshold is None else self.image_threshold.value
 
+    def _runtime(
+        self, runtime: str | None, export_dir: Path | str | None, int8: bool
+    ) -> tuple[str, ExportedModel | None]:
+        """The bundle's serving runtime unless one is asked for; CUDA keeps torch (bf16 autocast beats them there)."""
+        asked = runtime is not None
+        runtime = runtime or self.bundle.serving.get("runtime") or "torch"
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+        if runtime == "torch" or (self.device.type != "cpu" and not asked):
+            return "torch", None
+        if self.device.type != "cpu":
+            raise ConfigError(f"runtime {runtime} runs on the CPU; on {self.device} use runtime torch")
+        if int8:
+            raise ConfigError(f"int8=True quantizes the torch model; runtime {runtime} runs the fp32 export")
+        return runtime, load_or_export(self, runtime, export_dir)
+
     @classmethod
     def from_bundle(
-        cls, path: Path | str, device: torch.device | str | None = None, batch_size: int = 8, int8: bool = False
+        cls,
+        path: Path | str,
+        device: torch.device | str | None = None,
+        batch_size: int = 8,
+        int8: bool = False,
+        runtime: str | None = None,
+        export_dir: Path | str | None = None,
     ) -> Predictor:
-        return cls(load_bundle(path), device=device, batch_size=batch_size, int8=int8)
+        bundle = load_bundle(path)
+        return cls(bundle, device=device, batch_size=batch_size, int8=int8, runtime=runtime, export_dir=export_dir)
 
     @property
     def image_size(self) -> int:
@@ -124,6 +164,8 @@ class Predictor:
     @torch.inference_mode()
     def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores [N], maps [N, H, W])."""
+        if self.exported is not None:
+            return self._batched(images, self.exported.scores)
         # Features back to contiguous: TFA-Net's patch-embedding conv is slower on channels-last input.
         return self._batched(
             images,

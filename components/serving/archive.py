@@ -1,10 +1,12 @@
 """Package a model bundle as ``tfanet-<product>.mar`` for TorchServe.
 
 The archive holds the bundle unchanged under ``bundle/`` (so the handler loads it with the one
-loader, ``load_bundle``), ``payload.py`` beside the handler, and ``serving.json``: product, model
-version (= the MLflow registry version once the registry step passes it) and where the bundle came
-from. The TorchServe model version is the same string, so ``/predictions/tfanet-<product>/<version>``
-and the ``model_version`` field of every response name the registry version.
+loader, ``load_bundle``), the bundle's parity-checked export under ``export/`` when it is served on an
+exported runtime (ONNX Runtime, OpenVINO), ``payload.py`` beside the handler, and ``serving.json``:
+product, model version (= the MLflow registry version once the registry step passes it), runtime,
+threads per worker and where the bundle came from. The TorchServe model version is the same string,
+so ``/predictions/tfanet-<product>/<version>`` and the ``model_version`` field of every response name the
+registry version.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from components.naming import torchserve_model_name
-from components.serving.handler import BUNDLE_DIR, MANIFEST_FILE
+from components.serving.handler import BUNDLE_DIR, EXPORT_DIR, MANIFEST_FILE
 from tfanet_core.bundle import METADATA_FILE, WEIGHTS_FILE, read_metadata
+from tfanet_core.runtimes import read_manifest as read_export_manifest
 
 HERE = Path(__file__).resolve().parent
 HANDLER = HERE / "handler.py"
@@ -60,12 +63,19 @@ def build_archive(
     *,
     source: dict[str, Any] | None = None,
     filename: str | None = None,
+    export: Path | str | None = None,
+    workers: int = 1,
 ) -> Path:
     """Build ``export_dir/<filename>`` (default ``tfanet-<product>.mar``) from a bundle; returns its path.
 
     ``source`` describes the model's origin for the record (the registry step passes e.g.
     ``{"kind": "mlflow", "registered_model": ..., "version": ..., "run_id": ...}``); without it the
     bundle's path is recorded. The file is replaced atomically, so a server never reads half of it.
+
+    ``export``: an export directory of this bundle (``tfanet export``; the deploy gate has checked it): the
+    handler then runs it instead of torch. ``workers``: TorchServe workers of this version; each gets
+    ``cores // workers`` intra-op threads, so that workers × threads never exceeds the cores (oversubscribed
+    runtime thread pools spin against each other and every request gets slower).
     """
     bundle = Path(bundle).resolve()
     if not _NAME.match(product):
@@ -73,6 +83,7 @@ def build_archive(
     if not _VERSION.match(str(model_version)):
         raise ArchiveError(f"model version {model_version!r} must be letters, digits, _ . - (e.g. the registry's '3')")
     meta = read_metadata(bundle)
+    exported = read_export_manifest(export) if export is not None else None
     name = torchserve_model_name(product)
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +98,11 @@ def build_archive(
             "backbone": meta.get("backbone", {}).get("tag"),
             "profile": meta.get("config", {}).get("profile"),
         },
+        "runtime": exported["runtime"] if exported else "torch",
+        "threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+        "export": {k: exported[k] for k in ("format", "runtime_version", "bundle_sha256", "parity")}
+        if exported
+        else None,
         "source": source or {"kind": "bundle", "path": str(bundle)},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -95,6 +111,8 @@ def build_archive(
         (stage / BUNDLE_DIR).mkdir(parents=True)
         for f in (METADATA_FILE, WEIGHTS_FILE):
             shutil.copy2(bundle / f, stage / BUNDLE_DIR / f)
+        if export is not None:
+            shutil.copytree(export, stage / EXPORT_DIR)
         shutil.copy2(PAYLOAD, stage / PAYLOAD.name)
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         out = Path(tmp) / "out"

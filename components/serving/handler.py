@@ -1,7 +1,8 @@
 """TorchServe handler for one product's TFA-Net: a thin adapter between TorchServe and the predictor.
 
-The archive (see ``archive.py``) holds the bundle under ``bundle/``, ``serving.json`` (product,
-model version, where the model came from) and ``payload.py``, the server-agnostic request parsing
+The archive (see ``archive.py``) holds the bundle under ``bundle/``, its export under ``export/`` when
+it is served on ONNX Runtime or OpenVINO, ``serving.json`` (product, model version, runtime, threads per
+worker, where the model came from) and ``payload.py``, the server-agnostic request parsing
 and response building. This file only maps TorchServe's batch and context onto those two and onto
 ``tfanet_core.predictor.Predictor``: the same loader and inference as the CLI and evaluation.
 
@@ -26,6 +27,7 @@ except ImportError:  # inside the .mar this file is the top-level module `handle
 
 MANIFEST_FILE = "serving.json"
 BUNDLE_DIR = "bundle"
+EXPORT_DIR = "export"
 JSON = "application/json"
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,22 @@ class TFANetHandler:
         self.model_version = str(manifest["model_version"])
         gpu = props.get("gpu_id")
         device = f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.from_bundle(model_dir / BUNDLE_DIR, device=device, batch_size=props["batch_size"])
+        runtime = manifest.get("runtime", "torch") if device == "cpu" else "torch"
+        if manifest.get("threads"):
+            torch.set_num_threads(int(manifest["threads"]))  # cores // workers: the runtimes use as many
+        self.predictor = Predictor.from_bundle(
+            model_dir / BUNDLE_DIR,
+            device=device,
+            batch_size=props["batch_size"],
+            runtime=runtime,
+            export_dir=model_dir / EXPORT_DIR if runtime != "torch" else None,
+        )
         log.info(
-            "tfanet %s version %s loaded on %s (%d torch threads)",
+            "tfanet %s version %s loaded on %s, runtime %s (%d threads)",
             self.product,
             self.model_version,
             device,
+            runtime,
             torch.get_num_threads(),
         )
 

@@ -172,7 +172,7 @@ def curl_command(inference_url: str, key_file: Path, product: str, image: str) -
     Without ``Content-Type`` curl sends ``--data-binary`` as a form (application/x-www-form-urlencoded) and
     TorchServe's front end fails on it with HTTP 500 before the model's handler runs.
     """
-    key = f"python3 -c 'import json; print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])'"
+    key = f'python3 -c \'import json; print(json.load(open("{key_file}"))["inference"]["key"])\''
     return (
         f'curl -H "Authorization: Bearer $({key})" -H "Content-Type: image/png" '
         f"--data-binary @{image} {inference_url}/predictions/{torchserve_model_name(product)}"

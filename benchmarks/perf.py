@@ -1,5 +1,8 @@
 """``tfanet bench``: speed and memory of the profiles on *this* machine, as a markdown table and JSON.
 
+The command comes to the CLI through the ``tfanet.commands`` entry point group (:func:`register`), so the
+library never imports its own benchmark.
+
 Every speed is put next to the machine's own dense fp32 GEMM throughput measured in the same
 run (the roofline), because on a shared 2-core machine absolute numbers move with the load;
 each timing also records the CPU share the process actually got (process CPU time / wall time /
@@ -12,11 +15,10 @@ peak memory is its own.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -24,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from benchmarks.machine import gemm_gflops, load_average, machine_info
 from tfanet_core.bundle import Bundle
 from tfanet_core.cache import FeatureCache
 from tfanet_core.config import Config, load_config
@@ -40,18 +42,17 @@ from tfanet_core.data.images import image_to_tensor, load_rgb
 from tfanet_core.features import FeatureExtractor, extract_features
 from tfanet_core.metrics import image_auroc
 from tfanet_core.model import TemplateAggregator
-from tfanet_core.predictor import Predictor
+from tfanet_core.predictor import FAST_PATH_TOLERANCE, INT8_AUROC_TOLERANCE, INT8_TOLERANCE, Predictor
+from tfanet_core.runtimes import PARITY_TOLERANCE, RUNTIMES, export_bundle, format_of, runtime_version
 
-# The goals the issue sets, checked against the figures in every run.
+# The goals the issues set, checked against the figures in every run (the tolerances they check against are
+# the product's own, in tfanet_core.predictor and tfanet_core.runtimes).
 ROOFLINE_GOAL = 0.60  # paper profile, batch 8, fraction of the measured GEMM FLOP/s
 WARM_SPEEDUP_GOAL = 5.0  # cpu profile: cold-cache training epoch / warm-cache epoch
-# Default fast path (batched, inference_mode, cached template tokens, channels-last backbone): fp32 maths
-# in another order, so scores may differ by rounding only.
-FAST_PATH_TOLERANCE = 1e-4  # max |score_fast − score_plain| / |score_plain|
-# int8 dynamic quantization is opt-in (Predictor(int8=True), `tfanet predict --int8`): it is accepted where
-# its scores stay within this relative tolerance *and* the image AUROC moves by at most INT8_AUROC_TOLERANCE.
-INT8_TOLERANCE = 0.05
-INT8_AUROC_TOLERANCE = 0.01
+RUNTIME_IMAGES_GOAL = 50.0  # cpu profile, batch 8, fastest exported runtime (images/s)
+RUNTIME_SPEEDUP_GOAL = 2.5  # … over eager torch in the same rounds
+RUNTIME_ROOFLINE_GOAL = 0.60  # … fraction of the GEMM roofline
+RUNTIME_LATENCY_GOAL_MS = 25.0  # … batch 1 p50
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Plan:
     compile_profiles: list[str] = field(default_factory=list)  # `tfanet bench --compile`: minutes of compiling
     thread_profiles: list[str] = field(default_factory=lambda: ["cpu", "tiny"])  # paper: too slow to repeat
     fit_epochs: int = 6
+    runtimes: bool = True  # export each profile to ONNX Runtime and OpenVINO and time them beside torch
     quick: bool = False
 
     @classmethod
@@ -141,50 +143,6 @@ def _gemm(n: int) -> Callable[[], torch.Tensor]:
     return lambda: a @ b
 
 
-def gemm_gflops(n: int, repeats: int = 5) -> float:
-    """Dense fp32 matmul throughput of this machine now (best of ``repeats``): the roofline."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    timing, _ = _timed(lambda: a @ b, repeats)
-    return 2 * n**3 / timing["best_s"] / 1e9
-
-
-def _load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    def pkg(name: str) -> str:
-        try:
-            return version(name)
-        except Exception:
-            return "not installed"
-
-    return {
-        "cpu": _cpu_model(),
-        "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": pkg("timm"),
-        "numpy": pkg("numpy"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -216,8 +174,8 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- per-profile inference (runs in a child process) ---------------------------------------------------------
 
 
-def profile_inference(profile: str, plan: Plan, threads: int) -> dict[str, Any]:
-    """Throughput, latency, peak memory, fast-path variants and image-size scaling of one profile."""
+def profile_inference(profile: str, plan: Plan, threads: int, work: str) -> dict[str, Any]:
+    """Throughput, latency, peak memory, fast-path variants, exported runtimes and image-size scaling of a profile."""
     from tfanet_core.info import model_info
 
     torch.set_num_threads(threads)
@@ -247,6 +205,9 @@ def profile_inference(profile: str, plan: Plan, threads: int) -> dict[str, Any]:
     fns["default + int8 linear layers"] = lambda: quantized.score_tensors(batch8)
     if threads > 1 and profile in plan.thread_profiles:
         fns["default, 1 thread"] = lambda: _with_threads(1, threads, lambda: predictor.score_tensors(batch8))
+    exported = _exported_predictors(predictor, Path(work)) if plan.runtimes else {}
+    for rt, (other, _) in exported.items():
+        fns |= {f"{rt} batch {b}": (lambda b=b, other=other: other.score_tensors(batch8[:b])) for b in plan.batches}
     for fn in fns.values():  # warm-up of every path, so no round pays a first call
         fn()
     timings, outputs = round_robin(fns, plan.repeats.get(profile, 2), threads)
@@ -280,18 +241,89 @@ def profile_inference(profile: str, plan: Plan, threads: int) -> dict[str, Any]:
         out["variants"].append(_compiled_variant(config, extractor, batch8, reference, timings, plan, threads))
 
     runs = plan.latency_runs.get(profile, 5)
-    latencies = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predictor.score_tensors(batch8[:1])
-        latencies.append(time.perf_counter() - start)
-    out["latency_ms"] = {
-        "p50": 1000 * float(np.percentile(latencies, 50)),
-        "p99": 1000 * float(np.percentile(latencies, 99)),
-        "runs": runs,
-    }
+    latencies = _latencies({"torch": predictor, **{rt: p for rt, (p, _) in exported.items()}}, batch8[:1], runs)
+    out["latency_ms"] = latencies["torch"]
+    out["runtimes"] = _runtime_rows(predictor, exported, timings, outputs, latencies, plan, gflop)
     out["image_sizes"] = image_size_scaling(config, plan, threads, gflop - cost["backbone_gflops"])
     return out
+
+
+def _exported_predictors(predictor: Predictor, work: Path) -> dict[str, tuple[Predictor, float]]:
+    """The random bundle exported for each exported runtime (parity-checked on export), and its export seconds."""
+    out = {}
+    for runtime in RUNTIMES[1:]:
+        start = time.perf_counter()
+        export_bundle(predictor, format_of(runtime), work / f"{predictor.config.profile}-{runtime}")
+        seconds = time.perf_counter() - start
+        other = Predictor(
+            predictor.bundle,
+            device="cpu",
+            batch_size=8,
+            extractor=predictor.extractor,
+            runtime=runtime,
+            export_dir=work / f"{predictor.config.profile}-{runtime}",
+        )
+        out[runtime] = (other, seconds)
+    return out
+
+
+def _latencies(predictors: dict[str, Predictor], image: torch.Tensor, runs: int) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of each predictor, interleaved call by call so that all see the same machine load."""
+    samples: dict[str, list[float]] = {name: [] for name in predictors}
+    for _ in range(runs):
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            predictor.score_tensors(image)
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "p50": 1000 * float(np.percentile(values, 50)),
+            "p99": 1000 * float(np.percentile(values, 99)),
+            "runs": runs,
+        }
+        for name, values in samples.items()
+    }
+
+
+def _runtime_rows(
+    predictor: Predictor,
+    exported: dict[str, tuple[Predictor, float]],
+    timings: dict[str, dict],
+    outputs: dict[str, Any],
+    latencies: dict[str, dict[str, float]],
+    plan: Plan,
+    gflop: float,
+) -> list[dict[str, Any]]:
+    """One row per runtime: images/s at each batch, its share of the GEMM roofline of this profile's run,
+    the speed-up over eager torch in the same rounds, batch-1 latency and the largest score difference."""
+    roofline = 2 * plan.gemm_size**3 / timings["gemm"]["best_s"] / 1e9
+    torch_scores = outputs[f"batch {max(plan.batches)}"][0]
+    rows = []
+    for runtime in ["torch", *exported]:
+        prefix = "" if runtime == "torch" else f"{runtime} "
+        per_batch = {}
+        for b in plan.batches:
+            timing = timings[f"{prefix}batch {b}"]
+            per_batch[str(b)] = {
+                "images_per_s": b / timing["best_s"],
+                "median_images_per_s": b / timing["median_s"],
+                "roofline_fraction": b / timing["best_s"] * gflop / roofline,
+                "speedup_over_torch": timings[f"batch {b}"]["best_s"] / timing["best_s"],
+                "cpu_share": timing["cpu_share"],
+            }
+        scores = outputs[f"{prefix}batch {max(plan.batches)}"][0]
+        rows.append(
+            {
+                "runtime": runtime,
+                "version": runtime_version(runtime),
+                "batches": per_batch,
+                "latency_ms": latencies[runtime],
+                "max_relative_score_difference": _relative_difference(scores, torch_scores),
+                "export_s": exported[runtime][1] if runtime in exported else None,
+                "roofline_gflops": roofline,
+            }
+        )
+    return rows
 
 
 def _with_threads(n: int, restore: int, fn: Callable[[], Any]) -> Any:
@@ -365,7 +397,8 @@ def image_size_scaling(config: Config, plan: Plan, threads: int, transformer_gfl
 
 def _child(args: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
     profile, plan, threads = args
-    return profile_inference(profile, Plan(**plan), threads)
+    with tempfile.TemporaryDirectory(prefix=f"tfanet-bench-{profile}-") as work:
+        return profile_inference(profile, Plan(**plan), threads, work)
 
 
 # --- training: the feature cache cold vs warm, and the scores that depend on real weights ---------------------
@@ -511,7 +544,7 @@ def run_bench(
         "quick": plan.quick,
         "command": "tfanet bench" + (" --quick" if plan.quick else "") + (" --compile" if compile else ""),
         "machine": machine_info(threads),
-        "load_average_start": _load_average(),
+        "load_average_start": load_average(),
         "gemm_size": plan.gemm_size,
     }
     steps = tqdm(total=len(plan.profiles) + 3, desc="bench", disable=not progress)
@@ -532,7 +565,7 @@ def run_bench(
     samples = [result["gemm_gflops_start"], result["gemm_gflops_end"]]
     samples += [p["gemm_gflops"] for p in result["profiles"].values()]
     result["roofline_gflops"] = max(samples)
-    result["load_average_end"] = _load_average()
+    result["load_average_end"] = load_average()
     result["seconds"] = time.perf_counter() - started
     steps.update()
     steps.close()
@@ -581,6 +614,7 @@ def goals(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             "met": max(differences) <= FAST_PATH_TOLERANCE,
         }
     )
+    rows += _runtime_goals(result, plan)
     s = result["training"]["scores"]
     auroc_change = abs(s["image_auroc_int8"] - s["image_auroc_fp32"])
     rows.append(
@@ -592,6 +626,41 @@ def goals(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         }
     )
     return rows
+
+
+def _runtime_goals(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """Issue #19: the fastest exported runtime on `cpu` at batch 8 against eager torch in the same run."""
+    name = "cpu" if "cpu" in result["profiles"] else plan.profiles[0]
+    rows = {r["runtime"]: r for r in result["profiles"][name].get("runtimes", [])}
+    exported = [r for runtime, r in rows.items() if runtime != "torch"]
+    if not exported:
+        return []
+    best = max(exported, key=lambda r: r["batches"]["8"]["images_per_s"])
+    b8, worst = best["batches"]["8"], max(r["max_relative_score_difference"] for r in exported)
+    return [
+        {
+            "goal": f"`{name}` batch 8 on the fastest exported runtime ≥ {RUNTIME_IMAGES_GOAL:.0f} images/s and "
+            f"≥ {RUNTIME_SPEEDUP_GOAL}× eager torch in the same run",
+            "measured": f"{best['runtime']}: {b8['images_per_s']:.1f} images/s, {b8['speedup_over_torch']:.2f}× "
+            f"(torch {rows['torch']['batches']['8']['images_per_s']:.1f})",
+            "met": b8["images_per_s"] >= RUNTIME_IMAGES_GOAL and b8["speedup_over_torch"] >= RUNTIME_SPEEDUP_GOAL,
+        },
+        {
+            "goal": f"… at ≥ {RUNTIME_ROOFLINE_GOAL:.0%} of the roofline measured with it",
+            "measured": f"{b8['roofline_fraction']:.1%} of {best['roofline_gflops']:.1f} GFLOP/s",
+            "met": b8["roofline_fraction"] >= RUNTIME_ROOFLINE_GOAL,
+        },
+        {
+            "goal": f"… batch 1 p50 ≤ {RUNTIME_LATENCY_GOAL_MS:.0f} ms",
+            "measured": f"{best['latency_ms']['p50']:.1f} ms",
+            "met": best["latency_ms"]["p50"] <= RUNTIME_LATENCY_GOAL_MS,
+        },
+        {
+            "goal": f"every exported runtime's scores = torch's within {PARITY_TOLERANCE:g} (relative)",
+            "measured": f"max {worst:.1e}",
+            "met": worst <= PARITY_TOLERANCE,
+        },
+    ]
 
 
 def _yes(flag: bool) -> str:
@@ -652,6 +721,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {lat['p50']:.0f} | {lat['p99']:.0f} | {lat['runs']} | {p['peak_rss_mib_batch8']:.0f} |"
         )
+    lines += _runtime_markdown(r)
     lines += [
         "",
         "## Fast path: what was tried (batch 8, speed-up over the plain fp32 path)",
@@ -739,3 +809,46 @@ def to_markdown(r: dict[str, Any]) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = run_bench(args.out, quick=args.quick, threads=args.threads, progress=not args.quiet, compile=args.compile)
+    print(json.dumps({"markdown": result["files"]["markdown"], "json": result["files"]["json"]}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds ``tfanet bench`` to the CLI (entry point ``tfanet.commands``: the core does not know its harness)."""
+    p = sub.add_parser("bench", help="speed and memory of the profiles on this machine (markdown + JSON)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: checks the harness, not speed")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def _runtime_markdown(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Exported runtimes (the whole inference path as one graph; random weights)",
+        "",
+        "Each runtime timed round-robin with eager torch and the GEMM in the same rounds; batch-1 latency "
+        "interleaved call by call. *vs torch* and *% of roofline* use that profile's own rounds; the score "
+        "difference is the largest relative one on the same batch of 8.",
+        "",
+        "| profile | runtime | batch 1 images/s | p50 (ms) | p99 (ms) | batch 8 images/s | vs torch (batch 8) | "
+        "% of roofline (batch 8) | max relative score difference | CPU share | export (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, p in r["profiles"].items():
+        for row in p.get("runtimes", []):
+            b1, b8, lat = row["batches"]["1"], row["batches"]["8"], row["latency_ms"]
+            export = f"{row['export_s']:.0f}" if row["export_s"] is not None else ""
+            lines.append(
+                f"| {name} | {row['runtime']} {row['version']} | {b1['images_per_s']:.1f} | {lat['p50']:.1f} | "
+                f"{lat['p99']:.1f} | {b8['images_per_s']:.1f} | {b8['speedup_over_torch']:.2f}× | "
+                f"{b8['roofline_fraction']:.0%} | {row['max_relative_score_difference']:.1e} | {b8['cpu_share']:.2f} | "
+                f"{export} |"
+            )
+    return lines
