@@ -28,6 +28,7 @@ from tfanet_core.runtimes import (
     read_manifest,
     verify_export,
 )
+from tfanet_core.threshold import Threshold
 
 EXPORTED = ("onnxruntime", "openvino")
 
@@ -43,7 +44,7 @@ def _random_bundle(seed: int) -> Bundle:
     bundle = Bundle(config=config, model=model, backbone=extractor.describe())
     scores, _ = Predictor(bundle, device="cpu").score_tensors(probe_images(128))
     low, high = scores.sort().values[3:5].tolist()
-    bundle.thresholds = {"image": {"value": (low + high) / 2}}  # halfway, as calibration sets it; 4 probes above
+    bundle.thresholds = {"image": Threshold(value=(low + high) / 2, method="normal_quantile")}  # 4 probes above
     return bundle
 
 

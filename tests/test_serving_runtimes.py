@@ -17,9 +17,9 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from components.naming import torchserve_model_name
 from components.deploy import deploy
 from components.deploy_cli import probe_images
+from components.naming import torchserve_model_name
 from components.promotion import GatePolicy, promote
 from components.serving import server
 from components.serving.archive import build_archive, read_manifest
