@@ -342,6 +342,7 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
         },
     }
     _write_json(paths.calibration, summary)
+    log.info("%s: %s", product, image.guarantee())
     return summary
 
 

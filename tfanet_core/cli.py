@@ -17,7 +17,6 @@ from pathlib import Path
 
 from tfanet_core.config import load_config, profile_names
 from tfanet_core.errors import ConfigError, TfanetError
-from tfanet_core.threshold import Threshold
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "cpu") -> None:
@@ -72,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     image = bundle.thresholds["image"]
     if not args.quiet:
-        print(guarantee_line(image), file=sys.stderr)
+        print(image.guarantee(), file=sys.stderr)
     print(
         json.dumps(
             {
@@ -88,22 +87,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def guarantee_line(threshold: Threshold) -> str:
-    """What a calibrated threshold promises, in one sentence an operator can act on."""
-    confidence = f"{(threshold.confidence or 0) * 100:.0f} %"
-    line = (
-        f"threshold {threshold.value:.6g}: {threshold.calibration_fpr or 0:.1%} of {threshold.n_normal} held-out "
-        f"normal images flagged; false-alarm rate on new normal parts <= {threshold.fpr_upper_bound:.1%} ({confidence} "
-        f"confidence, exact binomial)"
-    )
-    if threshold.target_fpr and threshold.normals_needed and threshold.n_normal < threshold.normals_needed:
-        line += (
-            f"; bounding it by the target {threshold.target_fpr:.1%} takes >= {threshold.normals_needed} held-out "
-            "normals"
-        )
-    return line
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:

@@ -87,6 +87,20 @@ class Threshold:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def guarantee(self) -> str:
+        """What the threshold promises, in one sentence an operator can act on."""
+        flagged = f"{self.calibration_fpr or 0:.1%} of {self.n_normal} held-out normal images flagged"
+        line = f"threshold {self.value:.6g}: {flagged}"
+        if self.fpr_upper_bound is None:
+            return line
+        line += (
+            f"; false-alarm rate on new normal parts <= {self.fpr_upper_bound:.1%} "
+            f"({(self.confidence or 0) * 100:.0f} % confidence, exact binomial)"
+        )
+        if self.target_fpr and self.normals_needed and self.n_normal < self.normals_needed:
+            line += f"; bounding it by the target {self.target_fpr:.1%} takes >= {self.normals_needed} held-out normals"
+        return line
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Threshold:
         known = {f.name for f in fields(cls)}
