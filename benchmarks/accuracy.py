@@ -46,7 +46,7 @@ from tfanet_core.bundle import load_bundle
 from tfanet_core.cache import FeatureCache
 from tfanet_core.config import Config, FeatureConfig, ScoringConfig, load_config
 from tfanet_core.data.images import load_mask
-from tfanet_core.data.layouts import Sample, discover, load_defects_config, split_validation
+from tfanet_core.data.layouts import Sample, load_defects_config
 from tfanet_core.data.synth import generate
 from tfanet_core.evaluate import loco_defects
 from tfanet_core.features import FeatureExtractor, extract_features
@@ -55,7 +55,7 @@ from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
 from tfanet_core.templates import select_template
 from tfanet_core.training import fit, prepared_model
-from tfanet_core.workflow import train_category
+from tfanet_core.workflow import manifest_for, train_category
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -146,7 +146,7 @@ def load_split(root: Path, category: str, config: Config, cache: FeatureCache) -
     size = config.features.image_size
     key = (str(root), category, config.train.val_fraction, config.train.seed, size)
     if key not in _SPLITS:
-        samples = split_validation(discover(root, category), config.train.val_fraction, config.train.seed)
+        samples = manifest_for(root, category, config, progress=False).samples()  # the split train_category uses
         test = [s for s in samples if s.split == "test"]
         masks = defects = None
         if any(s.mask_paths for s in test):

@@ -270,7 +270,7 @@ def test_corrupted_dataset_is_stopped_at_validation(synth_root: Path, tmp_path: 
     capsys.readouterr()
     assert main(["stage", "validate", *common]) == 2
     message = capsys.readouterr().err
-    assert "fabric/test/hole/000.png: corrupt or truncated image" in message
+    assert "fabric/test/hole/000.png: corrupt or truncated PNG" in message
     assert "mask fabric/ground_truth/scratch/001_mask.png is missing" in message
     assert "fabric/test/good/099.png: same bytes as fabric/train/good/003.png (train)" in message
     saved = json.loads((tmp_path / "runs" / "fabric" / "validation" / "validation.json").read_text())

@@ -7,10 +7,13 @@ import base64
 import concurrent.futures
 import io
 import json
+import re
 import shutil
 import socket
 import stat
 import struct
+import subprocess
+import urllib.parse
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -522,3 +525,29 @@ def test_training_predict_and_endpoint_refuse_a_bad_image_for_the_same_reason(
     resp = served.client.predict("tfanet-fabric", data, content_type="image/png")
     assert resp.status == STATUS_OF_REFUSAL[kind], resp.body[:200]
     assert resp.json()["refusal"] == kind and resp.json()["message"] == reason
+
+
+@pytest.mark.server
+def test_the_readme_and_demo_curl_commands_work_when_pasted(served: Served) -> None:
+    """README 'Calling the endpoint' and the line `make demo` prints: 200 and a score, Content-Type included."""
+    from infra.local.demo import curl_command
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"```bash\n(curl [^`]*?/predictions/tfanet-<product>)\n```", readme)
+    assert match is not None, "README lost its curl example"
+    key = json.loads((served.state / "key_file.json").read_text())["inference"]["key"]
+    image = served.probes["fabric"][0]
+    pasted = (
+        match.group(1)
+        .replace("<inference key>", key)
+        .replace("<port>", str(urllib.parse.urlparse(served.client.inference).port))
+        .replace("<product>", "fabric")
+        .replace("@part.png", f"@{image}")
+    )
+    demo = curl_command(served.client.inference, served.state / "key_file.json", "fabric", str(image))
+    expected = Predictor.from_bundle(served.bundles["fabric"], device="cpu").predict_paths([image])[0].score
+    for command in (pasted, demo):
+        out = subprocess.run(["bash", "-c", command + " -s -w '\\n%{http_code}'"], capture_output=True, text=True)
+        body, status = out.stdout.rsplit("\n", 1)
+        assert status == "200", (command, out.stdout, out.stderr)
+        assert json.loads(body)["score"] == pytest.approx(expected, abs=1e-4)
