@@ -178,7 +178,7 @@ def test_champion_scores_equal_the_bundle(
     with pytest.raises(Exception, match=r"image\[1\]: not base64"):
         model.predict(pd.DataFrame({"image": [encode_images(probe_images[:1])["image"][0], "not base64!"]}))
     truncated = base64.b64encode(probe_images[0].read_bytes()[:200]).decode()
-    with pytest.raises(Exception, match=r"image\[0\]: corrupt or truncated image"):
+    with pytest.raises(Exception, match=r"image\[0\]: corrupt or truncated PNG"):
         model.predict(pd.DataFrame({"image": [truncated]}))
 
 
