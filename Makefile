@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo stop clean
+.PHONY: venv test test-shuffled test-fast lint demo stop clean
 
 venv: $(STAMP)
 
@@ -18,11 +18,16 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# CI's order is the files' order (reproducible); `make test-shuffled` runs the same suite in a random order
+# (pytest-randomly; it prints the seed, `pytest --randomly-seed=N` replays one) to prove no test needs another.
 test: venv lint
+	$(BIN)/python -m pytest -q -p no:randomly
+
+test-shuffled: venv
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not server"
+	$(BIN)/python -m pytest -q -p no:randomly -m "not slow and not server"
 
 # The whole local chain (infra/local/demo.py): stack + TorchServe on 127.0.0.1, synthetic data under DVC, `dvc repro`
 # through deploy, one good and one defective image sent to the endpoint, MLflow UI.
