@@ -55,6 +55,7 @@ from components.serving.archive import build_archive
 from components.serving.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CHAMPION, download_bundle, version_by_alias
+from tfanet_core.errors import TfanetError
 
 __all__ = [
     "PARITY_LABEL",
@@ -220,7 +221,7 @@ def deploy_in_cluster(
         mlflow.set_tracking_uri(tracking_uri)
     paths = [Path(p) for p in probes]
     if not paths:
-        raise ValueError("the cluster deploy needs at least one probe image (a normal and a defective one are best)")
+        raise TfanetError("the cluster deploy needs at least one probe image (a normal and a defective one are best)")
     registry = MlflowClient()
     reg_name = registered_model_name(product)
     name = torchserve_model_name(product)

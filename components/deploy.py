@@ -40,7 +40,7 @@ from components.serving.parity import DEFAULT_TOLERANCE, check_parity, export_fo
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CANDIDATE, CHAMPION, download_bundle, version_by_alias
 from tfanet_core.config import section_from_mapping
-from tfanet_core.errors import ConfigError
+from tfanet_core.errors import ConfigError, TfanetError
 
 __all__ = [
     "DEPLOYED",
@@ -230,12 +230,12 @@ def _serve_version(
 def _check(probes: Sequence[Path | str], tolerance: float) -> list[Path]:
     paths = [Path(p) for p in probes]
     if not paths:
-        raise ValueError("deploy needs at least one probe image (a normal and a defective test image are best)")
+        raise TfanetError("deploy needs at least one probe image (a normal and a defective test image are best)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"probe image(s) not found: {missing}")
+        raise TfanetError(f"probe image(s) not found: {missing}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"parity tolerance must be a finite number >= 0, got {tolerance}")
+        raise ConfigError(f"parity tolerance must be a finite number >= 0, got {tolerance}")
     return paths
 
 
@@ -348,7 +348,7 @@ def rollback(
     reg_name = registered_model_name(product)
     history = deploy_history(registry, reg_name)
     if len(history) < 2:
-        raise ValueError(
+        raise TfanetError(
             f"{reg_name} has no earlier deployed version to roll back to (deploy history: {history or 'empty'})"
         )
     current, target = history[-1], history[-2]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from components.params import ProductSettings, load_params, product_section
+from tfanet_core.errors import TfanetError
 
 DEFAULT_PROBE_COUNT = 4
 
@@ -32,7 +33,7 @@ def probe_images(data_root: Path, category: str, count: int) -> list[Path]:
     bad = [s.path for s in test if s.is_anomalous]
     mixed = [p for pair in zip(good, bad, strict=False) for p in pair] + good[len(bad) :] + bad[len(good) :]
     if not mixed:
-        raise ValueError(f"no test images of {category} under {data_root}: pass --probe PATH instead")
+        raise TfanetError(f"no test images of {category} under {data_root}: pass --probe PATH instead")
     return mixed[: max(1, count)]
 
 
@@ -50,7 +51,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         category = ProductSettings.of(args.product, section).category
         probes = probe_images(data_root, category, int(deploy_params.get("probe_count", DEFAULT_PROBE_COUNT)))
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise ValueError(
+        raise TfanetError(
             "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "
             'eval "$(python -m infra.local.stack env)"'
         )

@@ -30,6 +30,7 @@ from components.naming import drift_experiment_name
 from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import is_image_file
 from tfanet_core.drift import DriftConfig, DriftReport, Reference
+from tfanet_core.errors import ConfigError, TfanetError
 
 __all__ = [
     "LAST_RETRAIN_TAG",
@@ -77,11 +78,11 @@ class RetrainParams:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"retrain.mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"retrain.mode must be one of {MODES}, got {self.mode!r}")
         if not float(self.cooldown_hours) >= 0:
-            raise ValueError(f"retrain.cooldown_hours must be >= 0, got {self.cooldown_hours}")
+            raise ConfigError(f"retrain.cooldown_hours must be >= 0, got {self.cooldown_hours}")
         if self.dataset_uri is not None and not self.dataset_uri.startswith("s3://"):
-            raise ValueError(f"retrain.dataset_uri must be an s3:// prefix, got {self.dataset_uri!r}")
+            raise ConfigError(f"retrain.dataset_uri must be an s3:// prefix, got {self.dataset_uri!r}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> RetrainParams:
@@ -170,10 +171,10 @@ def list_images(source: str | Path, workdir: Path) -> list[Path]:
     else:
         root = Path(source)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such directory of window images (or pass an s3:// prefix)")
+            raise TfanetError(f"{root}: no such directory of window images (or pass an s3:// prefix)")
     images = sorted((p for p in root.rglob("*") if is_image_file(p)), key=lambda p: p.relative_to(root).as_posix())
     if not images:
-        raise ValueError(f"{source}: no image files in the window")
+        raise TfanetError(f"{source}: no image files in the window")
     return images
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.params import ProductSettings, load_params, product_section
+from tfanet_core.errors import TfanetError
 
 if TYPE_CHECKING:
     from components.drift_check import RetrainSubmitter
@@ -42,7 +43,7 @@ def run_check(args: argparse.Namespace, submit: RetrainSubmitter | None = None) 
     if args.mode:
         retrain = dataclasses.replace(retrain, mode=args.mode)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise ValueError(
+        raise TfanetError(
             "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "
             'eval "$(python -m infra.local.stack env)"'
         )

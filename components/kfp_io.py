@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tfanet_core.errors import TfanetError
+
 if TYPE_CHECKING:
     from kfp.dsl import Artifact, Metrics
 
@@ -45,7 +47,7 @@ def fetch_dataset(dataset_uri: str, category: str, work: Path, s3_endpoint: str 
     if not dataset_uri.startswith("s3://"):
         root = Path(dataset_uri)
         if not (root / category).is_dir():
-            raise FileNotFoundError(f"{root / category}: no such dataset folder (dataset_uri={dataset_uri!r})")
+            raise TfanetError(f"{root / category}: no such dataset folder (dataset_uri={dataset_uri!r})")
         return root
     from components.storage import download_dir, parse_s3_uri, s3_for
 

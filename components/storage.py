@@ -20,6 +20,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from tqdm import tqdm
 
+from tfanet_core.errors import ConfigError, TfanetError
+
 __all__ = ["S3Settings", "download_dir", "ensure_bucket", "parse_s3_uri", "s3_client", "upload_dir"]
 
 # Checked in this order: boto3's own service-specific variable, its global one, then MLflow's.
@@ -66,7 +68,7 @@ def s3_client(settings: S3Settings | None = None, **config: Any) -> Any:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` → ``("bucket", "some/prefix")``."""
     if not uri.startswith("s3://") or len(uri) <= len("s3://"):
-        raise ValueError(f"not an S3 URI: {uri!r}; expected s3://BUCKET[/PREFIX]")
+        raise ConfigError(f"not an S3 URI: {uri!r}; expected s3://BUCKET[/PREFIX]")
     bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key.strip("/")
 
@@ -99,7 +101,7 @@ def upload_dir(client: Any, local_dir: Path | str, bucket: str, prefix: str = ""
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
-        raise FileNotFoundError(f"{local_dir}: no such directory to upload")
+        raise TfanetError(f"{local_dir}: no such directory to upload")
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     keys = []
     for path in tqdm(files, desc=f"upload s3://{bucket}/{prefix}", unit="file", disable=not progress, leave=False):
@@ -124,7 +126,7 @@ def download_dir(client: Any, bucket: str, prefix: str, local_dir: Path | str, p
         if not obj["Key"].endswith("/")
     ]
     if not keys:
-        raise FileNotFoundError(f"s3://{bucket}/{base}: no objects under this prefix")
+        raise TfanetError(f"s3://{bucket}/{base}: no objects under this prefix")
     out = []
     for key in tqdm(keys, desc=f"download s3://{bucket}/{base}", unit="file", disable=not progress, leave=False):
         rel = PurePosixPath(key[len(base) :].lstrip("/") if base else key)

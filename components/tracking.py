@@ -39,6 +39,7 @@ from PIL import Image
 import tfanet_core
 from components.naming import experiment_name, registered_model_name
 from tfanet_core.bundle import read_metadata
+from tfanet_core.errors import TfanetError
 
 __all__ = [
     "CANDIDATE",
@@ -181,12 +182,12 @@ def log_training_run(
     bundle_dir = Path(bundle_dir)
     meta = read_metadata(bundle_dir)
     if (meta.get("thresholds", {}).get("image") or {}).get("value") is None:
-        raise ValueError(f"{bundle_dir}: no calibrated image threshold; calibrate the bundle before logging it")
+        raise TfanetError(f"{bundle_dir}: no calibrated image threshold; calibrate the bundle before logging it")
     if not isinstance(metrics, Mapping):
         metrics = json.loads(Path(metrics).read_text())
     metric_values = flatten_metrics(metrics)
     if not metric_values:
-        raise ValueError("no numeric metrics to log: pass tfanet evaluate's metrics.json")
+        raise TfanetError("no numeric metrics to log: pass tfanet evaluate's metrics.json")
     size = int(meta["config"]["features"]["image_size"])
     example = encode_images(list(example_images)[:2] or [_grey_example(size)])
 
@@ -232,7 +233,7 @@ def download_bundle(uri: str, dst: Path | str) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
     if BUNDLE_ARTIFACT not in artifacts:
-        raise ValueError(f"{uri} is not a tfanet model: its pyfunc has no '{BUNDLE_ARTIFACT}' artifact")
+        raise TfanetError(f"{uri} is not a tfanet model: its pyfunc has no '{BUNDLE_ARTIFACT}' artifact")
     bundle = local / artifacts[BUNDLE_ARTIFACT]["path"]
     read_metadata(bundle)
     return bundle

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import COMPILED, NAMES
+from tfanet_core.errors import ConfigError, TfanetError
 
 if TYPE_CHECKING:
     from components.drift_check import RetrainRequest
@@ -27,7 +28,7 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"--param {pair!r}: expected NAME=VALUE")
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
         out[name] = value
     return out
 
@@ -70,17 +71,17 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        raise ValueError(
+        raise ConfigError(
             "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "
             'eval "$(python -m infra.local.stack env)"'
         )
     arguments = _arguments(args, "training", [args.product])
     data = args.data if args.data.startswith("s3://") else str(Path(args.data).resolve())
     if not (data.startswith("s3://") or Path(data).is_dir()):
-        raise FileNotFoundError(f"{data}: no such dataset directory (--data: a directory or s3://bucket/prefix)")
+        raise TfanetError(f"{data}: no such dataset directory (--data: a directory or s3://bucket/prefix)")
     arguments.setdefault("dataset_uri", data)
     if "dataset_version" not in arguments:
-        raise ValueError("no dataset version: pass --dvc-file DATA.dvc or --param dataset_version=HASH")
+        raise ConfigError("no dataset version: pass --dvc-file DATA.dvc or --param dataset_version=HASH")
     arguments.setdefault("mlflow_tracking_uri", tracking_uri)
     arguments.setdefault("s3_endpoint", next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), ""))
     # kfp.local: checkpoints on the local disk (the "volume" form of checkpoint_root), not the cluster's bucket.

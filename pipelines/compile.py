@@ -17,6 +17,7 @@ from kfp import compiler
 
 from pipelines import COMPILED, NAMES
 from pipelines.training import multi_product_pipeline, retrain_on_drift_pipeline, training_pipeline
+from tfanet_core.errors import ConfigError
 
 __all__ = ["COMPILED", "PIPELINES", "compile_all", "compiled_path", "main"]
 
@@ -26,7 +27,7 @@ PIPELINES = dict(zip(NAMES, (training_pipeline, multi_product_pipeline, retrain_
 def compiled_path(name: str, out_dir: Path | str = COMPILED) -> Path:
     """Where pipeline ``name`` is compiled to; ValueError naming the known pipelines for any other name."""
     if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
+        raise ConfigError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
     return Path(out_dir) / f"{name}.yaml"
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipelines.compile import compiled_path
+from tfanet_core.errors import ConfigError, TfanetError
 
 if TYPE_CHECKING:
     from components.drift_check import RetrainRequest
@@ -146,10 +147,10 @@ def dvc_version(dvc_file: Path | str) -> str:
     """The dataset version DVC recorded for a tracked directory: the md5 in ``<path>.dvc``."""
     path = Path(dvc_file)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .dvc file (e.g. data/synth.dvc after `dvc add data/synth`)")
+        raise TfanetError(f"{path}: no such .dvc file (e.g. data/synth.dvc after `dvc add data/synth`)")
     outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
     if "md5" not in outs[0]:
-        raise ValueError(f"{path}: no md5 in its first output; run `dvc add` on the dataset again")
+        raise ConfigError(f"{path}: no md5 in its first output; run `dvc add` on the dataset again")
     return str(outs[0]["md5"])
 
 
@@ -172,7 +173,7 @@ def pipeline_arguments(pipeline: str, params: Mapping[str, Any], products: Itera
         common["deploy_settings"] = json.dumps(params.get("deploy") or {}, sort_keys=True)
     if pipeline in PER_PRODUCT:
         if len(products) != 1:
-            raise ValueError(f"pipeline {pipeline} trains one product: pass exactly one --product")
+            raise ConfigError(f"pipeline {pipeline} trains one product: pass exactly one --product")
         section = product_section(params, products[0])
         return {"product": products[0], "params": json.dumps(section, sort_keys=True), **common}
     chosen = products or list(sections)

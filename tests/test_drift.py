@@ -32,6 +32,7 @@ from tfanet_core.drift import (
     psi,
     score_shift,
 )
+from tfanet_core.errors import TfanetError
 from tfanet_core.features import FeatureExtractor
 
 
@@ -145,7 +146,7 @@ def test_reference_round_trips_through_npz(tmp_path: Path) -> None:
     np.testing.assert_array_equal(Reference.load(ref.save(tmp_path)).null_mmd2, [0.1, 0.2])
     bare = Reference.load(Reference(rng.normal(size=(4, 3))).save(tmp_path / "bare.npz"))
     assert bare.scores is None and bare.threshold is None
-    with pytest.raises(FileNotFoundError, match="build one"):
+    with pytest.raises(TfanetError, match="build one"):
         Reference.load(tmp_path / "missing")
 
 
@@ -228,7 +229,7 @@ def test_list_images_sorts_recursively_and_skips_non_images(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         list_images(tmp_path / "empty", tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(TfanetError, match="no such directory"):
         list_images(tmp_path / "missing", tmp_path)
 
 

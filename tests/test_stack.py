@@ -19,6 +19,7 @@ from components import supervisor
 from components.serving import server
 from components.stack import GRPC_OFFSET, LocalStack, StackError, _PortPicker, main
 from components.storage import S3Settings, download_dir, ensure_bucket, parse_s3_uri, s3_client, upload_dir
+from tfanet_core.errors import TfanetError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ def test_boto3_directory_round_trip(local_stack: LocalStack, tmp_path: Path) -> 
     files = download_dir(client, "scratch", "runs/1", tmp_path / "dst", progress=False)
     assert sorted(f.relative_to(tmp_path / "dst").as_posix() for f in files) == ["a/b/deep.bin", "top.txt"]
     assert (tmp_path / "dst" / "a" / "b" / "deep.bin").read_bytes() == bytes(range(256)) * 100
-    with pytest.raises(FileNotFoundError, match="no objects"):
+    with pytest.raises(TfanetError, match="no objects"):
         download_dir(client, "scratch", "runs/2", tmp_path / "none", progress=False)
     wrong = s3_client(S3Settings(env["AWS_ENDPOINT_URL_S3"], "tfanet", "not-the-secret"))
     with pytest.raises(ClientError, match=r"SignatureDoesNotMatch|InvalidAccessKeyId|AccessDenied"):

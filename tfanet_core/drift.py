@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from tfanet_core.config import section_from_mapping
 from tfanet_core.data.images import image_to_tensor, load_rgb
+from tfanet_core.errors import ConfigError, TfanetError
 from tfanet_core.features import FeatureExtractor
 
 if TYPE_CHECKING:
@@ -65,16 +66,16 @@ class DriftConfig:
 
     def __post_init__(self) -> None:
         if self.window < 2:
-            raise ValueError(f"drift.window must be >= 2 images, got {self.window}")
+            raise ConfigError(f"drift.window must be >= 2 images, got {self.window}")
         if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"drift.alpha must be in (0, 1), got {self.alpha}")
+            raise ConfigError(f"drift.alpha must be in (0, 1), got {self.alpha}")
         if self.n_permutations < 1 / self.alpha:
-            raise ValueError(
+            raise ConfigError(
                 f"drift.n_permutations={self.n_permutations} cannot reach p < alpha={self.alpha}; "
                 f"use at least {int(np.ceil(3 / self.alpha))}"
             )
         if self.psi_bins < 2:
-            raise ValueError(f"drift.psi_bins must be >= 2, got {self.psi_bins}")
+            raise ConfigError(f"drift.psi_bins must be >= 2, got {self.psi_bins}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> DriftConfig:
@@ -187,7 +188,7 @@ class Reference:
         if path.is_dir():
             path = path / REFERENCE_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise TfanetError(
                 f"{path}: no drift reference; build one from the champion bundle (drift.build_reference) first"
             )
         with np.load(path, allow_pickle=False) as data:

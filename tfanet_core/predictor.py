@@ -30,6 +30,7 @@ from tfanet_core.features import FeatureExtractor
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.runtimes import RUNTIMES, ExportedModel, load_or_export
 from tfanet_core.scoring import anomaly_map, image_score
+from tfanet_core.threshold import Threshold
 
 # The tolerances the product relies on, beside the code they bound (the benchmark checks them on every run):
 # the default fast path (batched, inference_mode, cached template tokens, channels-last backbone) is fp32 maths
@@ -91,11 +92,18 @@ class Predictor:
             if self.device.type != "cpu":
                 raise ValueError("int8 dynamic quantization runs on the CPU only; on a GPU the bf16 path is faster")
             self.model = quantize_linear_int8(self.model)
-        self.image_threshold = bundle.thresholds.get("image")
-        self.pixel_threshold = bundle.thresholds.get("pixel")
         self.runtime: str = "torch"
         self.exported: ExportedModel | None = None  # the torch path first: an export is checked against it
         self.runtime, self.exported = self._runtime(runtime, export_dir, int8)
+
+    @property
+    def image_threshold(self) -> Threshold | None:
+        """The bundle's image threshold, read live: calibrating the bundle calibrates its predictor too."""
+        return self.bundle.thresholds.get("image")
+
+    @property
+    def pixel_threshold(self) -> Threshold | None:
+        return self.bundle.thresholds.get("pixel")
 
     @property
     def threshold(self) -> float | None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from tfanet_core.bundle import Bundle
 from tfanet_core.config import Config
+from tfanet_core.errors import ConfigError
 from tfanet_core.features import FeatureExtractor, sha256_file
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
@@ -59,7 +60,7 @@ def format_of(runtime: str) -> str:
     for fmt, rt in FORMATS.items():
         if rt == runtime:
             return fmt
-    raise ValueError(f"runtime {runtime!r} has no export format; exported runtimes: {sorted(FORMATS.values())}")
+    raise ConfigError(f"runtime {runtime!r} has no export format; exported runtimes: {sorted(FORMATS.values())}")
 
 
 def bundle_digest(bundle: Bundle) -> str:
@@ -281,7 +282,7 @@ def export_bundle(
     Refuses (``ExportError``, nothing written) when the export's scores on the probe set are out of parity.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
     if reference.exported is not None or reference.device.type != "cpu":
         raise ValueError("export_bundle needs a torch-runtime CPU predictor as its reference")
     bundle, out = reference.bundle, Path(out)

@@ -19,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tfanet_core.errors import TfanetError
+
 RENEW_MARGIN = timedelta(seconds=60)
 
 
@@ -74,7 +76,7 @@ class TorchServeClient:
         """The server started by ``components.serving.server.start(state_dir)`` (reads its server.json)."""
         path = Path(state_dir) / "server.json"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise TfanetError(
                 f"{path} missing: start TorchServe with `python -m infra.local.torchserve start --state-dir DIR`"
             )
         info = json.loads(path.read_text())
