@@ -27,7 +27,9 @@ import yaml
 from components.checkpoints import CheckpointMirror, checkpoint_location
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 10
+# Long enough that the kill lands mid-run on an idle machine too: the mirror uploads every 2 s, an epoch of the
+# tiny profile on 30 images takes a fraction of a second.
+EPOCHS = 40
 
 
 def test_mirror_restores_uploads_what_changed_and_clears(tmp_path: Path) -> None:
