@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy tfanet_core components
 
 # CI's order is the files' order (reproducible); `make test-shuffled` runs the same suite in a random order
 # (pytest-randomly; it prints the seed, `pytest --randomly-seed=N` replays one) to prove no test needs another.

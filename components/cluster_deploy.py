@@ -192,7 +192,7 @@ def _parity(
         return None, f"v{version} is not served after the rollout ({exc})"
     if report.passed:
         return report.max_abs_diff, None
-    worst = max(report.rows, key=lambda r: float(r["abs_diff"]))  # type: ignore[arg-type]
+    worst = max(report.rows, key=lambda r: float(r["abs_diff"]))
     return report.max_abs_diff, (
         f"parity failed: served scores of v{version} differ from its bundle's by up to {report.max_abs_diff:.3g} "
         f"(> {tolerance:g}; worst probe {Path(str(worst['path'])).name}: served {float(worst['served_score']):.6g}, "

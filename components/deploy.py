@@ -217,7 +217,7 @@ def _serve_version(
     # Not the default (set-default comes only after parity), unless it is the product's first version,
     # which TorchServe serves from registration on: then, as before the step, nothing is served.
     client.unregister(name, version)
-    worst = max(report.rows, key=lambda r: float(r["abs_diff"]))  # type: ignore[arg-type]
+    worst = max(report.rows, key=lambda r: float(r["abs_diff"]))
     return (
         mar,
         report.max_abs_diff,

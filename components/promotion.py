@@ -175,9 +175,16 @@ def _candidate(client: MlflowClient, name: str, version: str | int | None) -> Mo
         ) from exc
 
 
+def _run_metrics(client: MlflowClient, version: ModelVersion) -> dict[str, float]:
+    """The metrics of the run that logged ``version`` (tfanet registers every version from a run)."""
+    if version.run_id is None:
+        raise ValueError(f"version {version.version} of {version.name} has no run: register it with tfanet's tracking")
+    return dict(client.get_run(version.run_id).data.metrics)
+
+
 def _baseline(
     client: MlflowClient, cand: ModelVersion, champ: ModelVersion, champion_metrics: Mapping[str, Any] | None
-) -> tuple[dict[str, float | None] | None, str]:
+) -> tuple[Mapping[str, float | None] | None, str]:
     """(the champion's metrics on the candidate's dataset version, in words where they come from), or (None, "")
     when the champion was tested on another dataset version and no re-evaluation was passed."""
     cand_dataset = cand.tags.get(TAG_DATASET)
@@ -185,7 +192,7 @@ def _baseline(
         return flatten_metrics(champion_metrics), f"champion v{champ.version} re-evaluated on dataset {cand_dataset}"
     if champ.tags.get(TAG_DATASET) == cand_dataset:
         basis = f"same dataset version {cand_dataset} as champion v{champ.version}"
-        return dict(client.get_run(champ.run_id).data.metrics), basis
+        return _run_metrics(client, champ), basis
     return None, ""
 
 
@@ -208,7 +215,7 @@ def _judge(
             "champion_metrics"
         )
         return "blocked", reason, []
-    comparisons = compare(dict(client.get_run(cand.run_id).data.metrics), baseline, policy)
+    comparisons = compare(_run_metrics(client, cand), baseline, policy)
     if not any(c.passed is not None for c in comparisons):
         reason = f"no gate metric {list(policy.metrics)} is defined for champion v{champ.version} ({basis})"
         return "rejected", reason, comparisons

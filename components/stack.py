@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -295,7 +296,7 @@ class LocalStack:
                 rec = state["processes"].get(name)
                 needs_restart = name == "mlflow" and rec is not None and rec.get("s3_port") != state["ports"]["s3"]
                 if self._running(name, state) and not needs_restart:
-                    if not supervisor.wait(lambda n=name: self._healthy(n, state), timeout):
+                    if not supervisor.wait(functools.partial(self._healthy, name, state), timeout):
                         logfile = self._logs()[name]
                         raise StackError(
                             f"{name} (pid {rec['pid']}) is running but not healthy after {timeout:.0f} s; "

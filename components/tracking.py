@@ -183,9 +183,7 @@ def log_training_run(
     meta = read_metadata(bundle_dir)
     if (meta.get("thresholds", {}).get("image") or {}).get("value") is None:
         raise TfanetError(f"{bundle_dir}: no calibrated image threshold; calibrate the bundle before logging it")
-    if not isinstance(metrics, Mapping):
-        metrics = json.loads(Path(metrics).read_text())
-    metric_values = flatten_metrics(metrics)
+    metric_values = flatten_metrics(metrics if isinstance(metrics, Mapping) else json.loads(Path(metrics).read_text()))
     if not metric_values:
         raise TfanetError("no numeric metrics to log: pass tfanet evaluate's metrics.json")
     size = int(meta["config"]["features"]["image_size"])

@@ -70,7 +70,9 @@ class ValidationRules:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ValidationRules:
         rules = section_from_mapping(cls, params, "params.yaml 'validate'")
-        as_tuples = {k: tuple(v) for k in ("allowed_labels", "allowed_modes", "image_size") if (v := getattr(rules, k))}
+        as_tuples: dict[str, Any] = {
+            k: tuple(v) for k in ("allowed_labels", "allowed_modes", "image_size") if (v := getattr(rules, k))
+        }
         return replace(rules, **as_tuples)
 
 
@@ -228,6 +230,7 @@ Detail = Callable[[pd.Series], str] | None  # explains one failing row in words
 def _manifest_checks(rules: ValidationRules) -> list[tuple[str, Any, Detail]]:
     """(check id, expectation, detail) in report order; the detail explains a failing row."""
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
     from great_expectations.expectations.row_conditions import Column
 
     def pair(a: str, b: str, description: str) -> Any:
@@ -316,7 +319,9 @@ def _manifest_checks(rules: ValidationRules) -> list[tuple[str, Any, Detail]]:
             "duplicates",
             gxe.ExpectCompoundColumnsToBeUnique(
                 column_list=["split", "sha256"],
-                severity="critical" if rules.duplicates_within_split == "error" else "warning",
+                severity=FailureSeverity.CRITICAL
+                if rules.duplicates_within_split == "error"
+                else FailureSeverity.WARNING,
                 description="no two files of one split have identical bytes",
             ),
             lambda r: r.duplicate_of,
@@ -391,7 +396,9 @@ def _run_suite(
         .add_batch_definition_whole_dataframe("all")
     )
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite))
-    actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[site])] if site else []
+    actions: list[gx.checkpoint.ValidationAction] = (
+        [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[site])] if site else []
+    )
     checkpoint = ctx.checkpoints.add(
         gx.Checkpoint(name=f"{name}_checkpoint", validation_definitions=[vd], actions=actions, result_format="COMPLETE")
     )

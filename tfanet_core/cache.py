@@ -217,7 +217,8 @@ class FeatureCache:
     # --- housekeeping ------------------------------------------------------------------------------------
 
     def _walk(self) -> tuple[list[Path], list[Path]]:
-        entries, temps = [], []
+        entries: list[Path] = []
+        temps: list[Path] = []
         if not self.root.is_dir():
             return entries, temps
         for path in self.root.glob("*/*/*"):
@@ -233,6 +234,7 @@ class FeatureCache:
         groups: dict[str, dict[str, Any]] = {}
         total = corrupt = 0
         for path in entries:
+            head: bytes | bytearray
             try:
                 if verify:
                     buffer = bytearray(path.read_bytes())
@@ -284,7 +286,7 @@ class FeatureCache:
             infos.append((st.st_mtime, st.st_size, path))
         infos.sort()  # least recently used first
         doomed: list[tuple[float, int, Path]] = []
-        keep = []
+        keep: list[tuple[float, int, Path]] = []
         for item in infos:
             old = older_than_days is not None and now - item[0] > older_than_days * 86400
             (doomed if everything or old else keep).append(item)

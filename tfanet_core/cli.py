@@ -14,9 +14,13 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tfanet_core.config import load_config, profile_names
 from tfanet_core.errors import ConfigError, TfanetError
+
+if TYPE_CHECKING:  # imported inside _cache at run time, like the other commands' modules
+    from tfanet_core.cache import FeatureCache
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "cpu") -> None:
@@ -188,7 +192,7 @@ def cmd_template(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _cache(args: argparse.Namespace) -> FeatureCache:
     from tfanet_core.cache import FeatureCache, resolve_cache_dir
 
     root = resolve_cache_dir(args.cache_dir)

@@ -11,13 +11,16 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from tfanet_core.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 @dataclass
@@ -62,6 +65,11 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without a better selection signal; 0 = never (as with `last`)
     checkpoint_every: int = 10
     seed: int = 0
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        """``betas`` as the (beta1, beta2) pair AdamW takes (a list in YAML)."""
+        return self.betas[0], self.betas[1]
 
 
 @dataclass
@@ -111,7 +119,7 @@ class Config:
 def section_from_mapping(section_cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
     """A settings dataclass from a params/config mapping; a misspelt key is an error naming the known ones."""
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(section_cls)}  # type: ignore[arg-type]
+    known = {f.name for f in dataclasses.fields(section_cls)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")

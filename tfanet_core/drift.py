@@ -167,7 +167,7 @@ class Reference:
         path = Path(path)
         if path.is_dir():
             path = path / REFERENCE_FILE
-        optional = {
+        optional: dict[str, Any] = {
             "scores": self.scores,
             "threshold": None if self.threshold is None else np.float64(self.threshold),
             "expected_fpr": None if self.expected_fpr is None else np.float64(self.expected_fpr),

@@ -56,6 +56,9 @@ class FeatureAttenuator(nn.Module):
     unfitted attenuator leaves the model untouched (TFA-Net trains without it).
     """
 
+    scale: torch.Tensor  # buffers registered in __init__, declared so type checkers see Tensors
+    fitted: torch.Tensor
+
     def __init__(self, dim: int, hidden: int, threshold: float, temperature: float) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -131,7 +134,7 @@ def fit_fader(
     attenuator.fitted.fill_(False)  # targets are the errors of TFA-Net without attenuation
     content, errors = _content_and_errors(model, train_features, t.cos_weight, t.batch_size, device)
     parameters = list(attenuator.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     n, tokens = errors.shape
     half = tokens // 2
     history: list[dict[str, float]] = []

@@ -16,11 +16,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -100,6 +101,11 @@ def _locate_lite(n: int) -> Callable[[], Path]:
     return locate
 
 
+def _blocks(model: nn.Module) -> nn.Sequential:
+    """A timm EfficientNet's ``blocks`` (its stages), typed: ``Module.__getattr__`` says Tensor | Module."""
+    return cast(nn.Sequential, model.blocks)
+
+
 _LITE_BLOCK_KEYS = {
     # EfficientNet-PyTorch (lukemelas) names -> timm names, per block type.
     "DepthwiseSeparableConv": {
@@ -133,8 +139,8 @@ def _lite_remap(arch: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torc
         skeleton = timm.create_model(arch, pretrained=False)
         flat = [
             (f"blocks.{s}.{i}", type(b).__name__)
-            for s, stage in enumerate(skeleton.blocks)
-            for i, b in enumerate(stage)
+            for s, stage in enumerate(_blocks(skeleton))
+            for i, b in enumerate(cast(nn.Sequential, stage))
         ]
         out: dict[str, torch.Tensor] = {}
         for key, value in state.items():
@@ -305,6 +311,9 @@ class FeatureExtractor(nn.Module):
     Input: RGB in [0, 1], [B, 3, H, W]. The weights' own normalization is applied here.
     """
 
+    mean: torch.Tensor  # buffers registered in __init__, declared so type checkers see Tensors
+    std: torch.Tensor
+
     def __init__(self, config: FeatureConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.config = config
@@ -316,14 +325,14 @@ class FeatureExtractor(nn.Module):
         if stage_out and hasattr(self.backbone, "blocks"):
             # timm's EfficientNet feature model runs every block; the stages after the last one we
             # read cost ~30 % of the backbone's FLOPs for nothing.
-            self.backbone.blocks = self.backbone.blocks[: max(stage_out)]
+            self.backbone.blocks = _blocks(self.backbone)[: max(stage_out)]
         self.weight_sha256 = "unloaded"  # architecture only: parameter and FLOP counts, speed benchmarks
         self.file_sha256: str | None = None
         if load_weights:
             state, self.weight_sha256, self.file_sha256 = load_backbone_weights(self.source)
             own = self.backbone.state_dict()
             self.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
-        self.channels = [int(c) for c in self.backbone.feature_info.channels()]
+        self.channels = [int(c) for c in cast(FeatureInfo, self.backbone.feature_info).channels()]
         self.register_buffer("mean", torch.tensor(self.source.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.source.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)

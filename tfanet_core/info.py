@@ -7,6 +7,7 @@ all three counts and the cost of one image with the template's tokens cached, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from tfanet_core.features import FeatureExtractor
 from tfanet_core.model import TemplateAggregator
 
 
-def _count_flops(fn, *args) -> int:  # type: ignore[no-untyped-def]
+def _count_flops(fn: Callable[..., object], *args: object) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
         fn(*args)

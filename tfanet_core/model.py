@@ -9,6 +9,7 @@ aggregated onto it and its reconstruction error stays high.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,6 +71,13 @@ class TemplateAggregator(nn.Module):
     buffers, so they travel in the state dict with the weights (the bundle needs nothing else).
     """
 
+    # Buffers registered in __init__, declared here so type checkers see Tensors (not Tensor | Module).
+    pos_embed: torch.Tensor
+    decoder_pos_embed: torch.Tensor
+    template: torch.Tensor
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, config: ModelConfig, in_channels: int, feature_size: int) -> None:
         super().__init__()
         if feature_size % config.patch_size:
@@ -81,19 +89,20 @@ class TemplateAggregator(nn.Module):
         self.num_patches = self.grid**2
         k, d, dd = config.patch_size, config.embed_dim, config.decoder_dim
         norm = partial(nn.LayerNorm, eps=1e-6)
+        block_norm = cast(type[nn.Module], norm)  # timm annotates norm_layer as a class; any factory works
 
         self.patch_embed = nn.Conv2d(in_channels, d, kernel_size=k, stride=k, bias=True)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid), persistent=False)
         self.tfam = nn.ModuleList(
-            Block(d, config.tfam_heads, config.mlp_ratio, qkv_bias=True, norm_layer=norm)
+            Block(d, config.tfam_heads, config.mlp_ratio, qkv_bias=True, norm_layer=block_norm)
             for _ in range(config.tfam_depth)
         )
         self.tfam_norm = norm(d)
         self.decoder_embed = nn.Linear(d, dd, bias=True)
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(dd, self.grid), persistent=False)
         self.fdrm = nn.ModuleList(
-            Block(dd, config.fdrm_heads, config.mlp_ratio, qkv_bias=True, norm_layer=norm)
+            Block(dd, config.fdrm_heads, config.mlp_ratio, qkv_bias=True, norm_layer=block_norm)
             for _ in range(config.fdrm_depth)
         )
         self.fdrm_norm = norm(dd)
@@ -115,7 +124,7 @@ class TemplateAggregator(nn.Module):
         # MAE-style: xavier on linear layers and the (flattened) patch projection, small normal cls token.
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.patch_embed.bias))  # built with bias=True
         nn.init.normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -146,7 +155,7 @@ class TemplateAggregator(nn.Module):
         self._template_cache = None
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._template_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +155,9 @@ class Predictor:
         maps = anomaly_map(target.float(), predicted.float(), self.image_size, self.config.scoring)
         return image_score(maps, self.config.scoring).cpu(), maps.cpu()
 
-    def _batched(self, inputs: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _batched(
+        self, inputs: torch.Tensor, fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps = [], []
         for i in range(0, len(inputs), self.batch_size):
             s, m = fn(inputs[i : i + self.batch_size])

@@ -146,7 +146,7 @@ def fit(
     if config.selection == "synthetic" and selector is None:
         raise ValueError("train.selection=synthetic needs a pseudo-anomaly selector (pseudo_anomalies.py)")
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+        model.parameters(), lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
     )
     fingerprint = _fingerprint(model, config, len(train_features))
     history: list[dict[str, float]] = []
@@ -221,6 +221,6 @@ def fit(
     if config.selection != "last" and best_state is not None:
         model.load_state_dict(best_state)
     else:
-        best_epoch = history[-1]["epoch"] if history else 0
+        best_epoch = int(history[-1]["epoch"]) if history else 0
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=int(best_epoch), seconds=time.perf_counter() - started)

@@ -23,7 +23,7 @@ from tfanet_core.predictor import Predictor
 try:
     from .payload import ParsedRequest, RequestError, build_response, parse_request
 except ImportError:  # inside the .mar this file is the top-level module `handler`; payload.py sits beside it
-    from payload import ParsedRequest, RequestError, build_response, parse_request  # type: ignore[no-redef]
+    from payload import ParsedRequest, RequestError, build_response, parse_request  # type: ignore[no-redef,import-not-found]
 
 MANIFEST_FILE = "serving.json"
 BUNDLE_DIR = "bundle"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import mlflow
 import torch
@@ -31,16 +32,25 @@ EXPORT_ARTIFACT = "export"  # run artifact folder: export/<format>/ (model.onnx 
 DEFAULT_TOLERANCE = 1e-4
 
 
+class ParityRow(TypedDict):
+    """One probe image: its score from the bundle (torch, CPU) and from the endpoint."""
+
+    path: str
+    bundle_score: float
+    served_score: float
+    abs_diff: float
+
+
 @dataclass
 class ParityReport:
     model_name: str
     version: str | None
     tolerance: float
-    rows: list[dict[str, object]] = field(default_factory=list)  # path, bundle score, served score, diff
+    rows: list[ParityRow] = field(default_factory=list)
 
     @property
     def max_abs_diff(self) -> float:
-        return max((float(r["abs_diff"]) for r in self.rows), default=0.0)  # type: ignore[arg-type]
+        return max((float(r["abs_diff"]) for r in self.rows), default=0.0)
 
     @property
     def passed(self) -> bool:

@@ -88,8 +88,8 @@ class Manifest:
     def row_for(self, path: Path | str) -> ManifestRow:
         """The row of an image given by its absolute path (under :attr:`root`) or its relative one."""
         path = Path(path)
-        inside = self.root is not None and path.is_relative_to(self.root)
-        rel = path.relative_to(self.root).as_posix() if inside else path.as_posix()
+        root = self.root
+        rel = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.as_posix()
         for r in self.rows:
             if r.path == rel:
                 return r
@@ -255,7 +255,7 @@ def build_manifest(
     samples = split_validation(samples, val_fraction, seed, sha)
     rows = []
     for s in samples:
-        w, h, mode, mask_hashes = info[s.path]
+        w, h, mode, mask_sha256 = info[s.path]
         rows.append(
             ManifestRow(
                 path=_rel(s.path, root),
@@ -265,7 +265,7 @@ def build_manifest(
                 label=s.label,
                 defect_type=None if s.label == GOOD else s.label,
                 mask_paths=tuple(_rel(m, root) for m in s.mask_paths),
-                mask_sha256=mask_hashes,
+                mask_sha256=mask_sha256,
                 width=w,
                 height=h,
                 mode=mode,

@@ -178,7 +178,8 @@ def _fabric_defect(rng: np.random.Generator, img: Array, kind: str) -> tuple[Arr
     size = img.shape[0]
     k = size / 128
     for _ in range(100):
-        centre = tuple((rng.uniform(0.18, 0.82, 2) * size).tolist())
+        cx, cy = (rng.uniform(0.18, 0.82, 2) * size).tolist()
+        centre = (cx, cy)
         if kind == "scratch":
             a = _scratch(rng, size, centre)
             bright = rng.random() < 0.5
@@ -186,7 +187,7 @@ def _fabric_defect(rng: np.random.Generator, img: Array, kind: str) -> tuple[Arr
             strength = rng.uniform(0.6, 0.85)
         elif kind == "hole":
             x, y = _grid(size)
-            a = _coverage(_blob_dist(x, y, *centre, rng.uniform(5.0, 9.5) * k, rng))
+            a = _coverage(_blob_dist(x, y, cx, cy, rng.uniform(5.0, 9.5) * k, rng))
             target = np.full_like(img, rng.uniform(0.04, 0.1))
             strength = 1.0
         elif kind == "stain":
@@ -412,7 +413,7 @@ def generate(
                 rng = np.random.default_rng([seed, pi, ji, i])
                 img, mask = render(rng, size, kind)
                 _to_png(img, img_dir / f"{i:03d}.png")
-                if mask is not None:
+                if mask is not None and kind is not None:  # only defect kinds have masks
                     _to_png(mask.astype(np.float32), out / product / "ground_truth" / kind / f"{i:03d}_mask.png")
     (out / "README.md").write_text(
         _README.format(seed=seed, size=size, n_train=n_train, n_test_good=n_test_good, n_defect=n_test_defect_per_type)
