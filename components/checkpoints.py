@@ -86,12 +86,12 @@ class CheckpointMirror:
         """Copy the remote checkpoints into ``local``; returns the relative paths restored (none: a fresh start)."""
         self.local.mkdir(parents=True, exist_ok=True)
         if self._on_s3:
-            from components.storage import download_dir
+            from components.storage import EmptyPrefixError, download_dir
 
             client, bucket, prefix = self._s3()
             try:
                 files = download_dir(client, bucket, prefix, self.local, progress=False)
-            except FileNotFoundError:
+            except EmptyPrefixError:
                 files = []
         else:
             source = Path(self.remote)

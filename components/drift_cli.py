@@ -63,7 +63,7 @@ def run_check(args: argparse.Namespace, submit: RetrainSubmitter | None = None) 
                 submit=submit,
             )
     except MlflowException as exc:  # no champion, a server error: a message, not a traceback (tfanet's
-        # main turns ValueError / FileNotFoundError into exit 2 with the message likewise)
+        # main turns a TfanetError into exit 2 with the message likewise)
         print(f"tfanet drift check: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(decision.to_json(), indent=2, default=str))

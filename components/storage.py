@@ -49,6 +49,10 @@ class S3Settings:
         )
 
 
+class EmptyPrefixError(TfanetError):
+    """Nothing is stored under an S3 prefix (a dataset never uploaded, or no checkpoint yet)."""
+
+
 def s3_client(settings: S3Settings | None = None, **config: Any) -> Any:
     """A boto3 S3 client for ``settings`` (default: from the environment); ``config`` goes to botocore's Config."""
     settings = settings or S3Settings.from_env()
@@ -126,7 +130,7 @@ def download_dir(client: Any, bucket: str, prefix: str, local_dir: Path | str, p
         if not obj["Key"].endswith("/")
     ]
     if not keys:
-        raise TfanetError(f"s3://{bucket}/{base}: no objects under this prefix")
+        raise EmptyPrefixError(f"s3://{bucket}/{base}: no objects under this prefix")
     out = []
     for key in tqdm(keys, desc=f"download s3://{bucket}/{base}", unit="file", disable=not progress, leave=False):
         rel = PurePosixPath(key[len(base) :].lstrip("/") if base else key)
