@@ -92,15 +92,7 @@ def template_record(
     """``tfanet template``: the template choice among the manifest's training images, with its evidence."""
     extractor = FeatureExtractor(config.features)
     features = split_features(manifest, extractor, device=device, progress=progress, cache_dir=cache_dir)
-    choice = select_template(
-        features.train,
-        config.template.strategy,
-        val_features=features.val,
-        config=config,
-        device=device,
-        progress=progress,
-        **trials,
-    )
+    choice = _choose(features, config, device, progress, **trials)
     record = choice_record(choice, features.train_paths, manifest)
     record["n_train"] = len(features.train_paths)
     record["backbone"] = extractor.describe()
@@ -183,8 +175,15 @@ def _template(
     progress: bool,
 ) -> TemplateChoice:
     if template_file is not None:
-        rows = {(manifest.root / r.path): r.sha256 for r in manifest.rows} if manifest.root else {}
-        return read_choice(template_file, features.train_paths, [rows[p] for p in features.train_paths])
+        sha256s = [manifest.row_for(p).sha256 for p in features.train_paths]
+        return read_choice(template_file, features.train_paths, sha256s)
+    return _choose(features, config, device, progress)
+
+
+def _choose(
+    features: SplitFeatures, config: Config, device: torch.device | str, progress: bool, **trials: int
+) -> TemplateChoice:
+    """The configured strategy over the training features (``best_of_k`` trials score on the val features)."""
     return select_template(
         features.train,
         config.template.strategy,
@@ -192,6 +191,7 @@ def _template(
         config=config,
         device=device,
         progress=progress,
+        **trials,
     )
 
 
