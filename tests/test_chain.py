@@ -142,7 +142,10 @@ def _served(project: DvcProject, product: str) -> dict[str, Any]:
     return resp.json()
 
 
-def test_first_run_serves_each_champion_on_torchserve(project: DvcProject, first_run: FirstRun, tmp_path: Path) -> None:
+def test_first_run_serves_each_champion_on_torchserve(
+    project: DvcProject, first_run: FirstRun, tracking: str, tmp_path: Path
+) -> None:
+    """``tracking``: download_bundle talks to MLflow through the environment, whatever module ran before."""
     from mlflow import MlflowClient
 
     from components.tracking import download_bundle
