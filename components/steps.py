@@ -272,14 +272,9 @@ def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.evaluate import SCORES_FILE
     from tfanet_core.evaluate import evaluate as evaluate_bundle
 
+    manifest = _manifest(data_root, paths)
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
-        metrics = evaluate_bundle(
-            paths.model,
-            data_root,
-            ProductSettings.of(product, section).category,
-            tmp,
-            manifest=_manifest(data_root, paths),
-        )
+        metrics = evaluate_bundle(paths.model, data_root, manifest.category, tmp, manifest=manifest)
         for out in (paths.plots, paths.overlays):
             shutil.rmtree(out, ignore_errors=True)
         paths.plots.mkdir(parents=True)
