@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import knn_scores, mean_reconstruction
@@ -47,9 +48,11 @@ from tfanet_core.cache import FeatureCache
 from tfanet_core.config import Config, FeatureConfig, ScoringConfig, load_config
 from tfanet_core.data.images import load_mask
 from tfanet_core.data.layouts import Sample, load_defects_config
+from tfanet_core.data.manifest import Manifest
 from tfanet_core.data.synth import generate
 from tfanet_core.evaluate import loco_defects
 from tfanet_core.features import FeatureExtractor, extract_features
+from tfanet_core.geometry import resolve_geometry
 from tfanet_core.metrics import Defect, au_spro, evaluate_scores, pixel_auroc
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.scoring import anomaly_map, image_score
@@ -92,7 +95,7 @@ class Row:
     seed: int = 0
     dataset: str = "real"  # real | synth
     rescore: bool = False  # also score every SCORING_VARIANTS entry
-    fader_pair: bool = False  # score with the FADeR attenuator on and off
+    fader_pair: bool = False  # score with the FADeR attenuator on and off (and over FADER_SWEEP)
     raw_template: bool = False  # reproduce the reference code's fault: template features of the unnormalized image
 
     @property
@@ -141,18 +144,34 @@ def extractor_for(config: FeatureConfig) -> FeatureExtractor:
     return _EXTRACTORS[key]
 
 
+_MANIFESTS: dict[tuple, Manifest] = {}
+
+
+def manifest_of(root: Path, category: str, config: Config) -> Manifest:
+    """The manifest train_category builds for this split (cached: building it hashes every image)."""
+    key = (str(root), category, config.train.val_fraction, config.train.seed)
+    if key not in _MANIFESTS:
+        _MANIFESTS.clear()
+        _MANIFESTS[key] = manifest_for(root, category, config, progress=False)
+    return _MANIFESTS[key]
+
+
+def resolved_config(row: Row) -> Config:
+    """The row's config with its geometry resolved from the category's training images, as train_category does."""
+    config = row.config()
+    return resolve_geometry(config, manifest_of(row.root, row.category, config))
+
+
 def load_split(root: Path, category: str, config: Config, cache: FeatureCache) -> Split:
     """Train/val/test samples of the seed's validation split and their (cached) features for ``config.features``."""
-    size = config.features.image_size
+    size = config.features.image_hw
     key = (str(root), category, config.train.val_fraction, config.train.seed, size)
     if key not in _SPLITS:
-        samples = manifest_for(root, category, config, progress=False).samples()  # the split train_category uses
+        samples = manifest_of(root, category, config).samples()  # the split train_category uses
         test = [s for s in samples if s.split == "test"]
         masks = defects = None
         if any(s.mask_paths for s in test):
-            masks = np.stack(
-                [load_mask(s.mask_paths, (size, size)) if s.mask_paths else np.zeros((size, size), bool) for s in test]
-            )
+            masks = np.stack([load_mask(s.mask_paths, size) if s.mask_paths else np.zeros(size, bool) for s in test])
             loco = load_defects_config(root, category)
             if loco is not None:
                 defects = loco_defects(test, loco, Path(category).name, size)
@@ -201,7 +220,10 @@ def metrics_of(split: Split, scores: torch.Tensor, maps: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def score_model(
-    model: TemplateAggregator, features: torch.Tensor, image_size: int, scorings: dict[str, ScoringConfig]
+    model: TemplateAggregator,
+    features: torch.Tensor,
+    image_size: tuple[int, int],
+    scorings: dict[str, ScoringConfig],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One reconstruction per batch, scored under every scoring config (a rescoring costs no retraining)."""
     model.eval()
@@ -240,6 +262,29 @@ def train_with_raw_template(config: Config, split: Split) -> tuple[TemplateAggre
     return result.model, training, template
 
 
+@torch.no_grad()
+def fader_mask_stats(model: TemplateAggregator, features: torch.Tensor, masks: np.ndarray | None) -> dict[str, Any]:
+    """What FADeR's soft mask does on the test images: its mean on tokens inside real defects and elsewhere.
+
+    A token is "defective" when at least half of the image pixels it covers are in the ground-truth mask.
+    """
+    assert model.fader is not None
+    values = []
+    for start in range(0, len(features), 16):
+        content = model.content_tokens(model.standardize(features[start : start + 16]))
+        values.append(model.fader.mask(content))
+    mask = torch.cat(values)  # [N, L]
+    out: dict[str, Any] = {"all_tokens": float(mask.mean()), "below_0.5": float((mask < 0.5).float().mean())}
+    if masks is not None:
+        rows, cols = model.grid
+        cover = F.adaptive_avg_pool2d(torch.from_numpy(masks).float().unsqueeze(1), (rows, cols)).flatten(1) >= 0.5
+        if cover.any():
+            out["defect_tokens"] = float(mask[cover].mean())
+            out["normal_tokens"] = float(mask[~cover].mean())
+            out["defect_tokens_below_0.5"] = float((mask[cover] < 0.5).float().mean())
+    return out
+
+
 def scorings_of(row: Row, config: Config) -> dict[str, ScoringConfig]:
     """The profile's scoring ("default"), plus every SCORING_VARIANTS entry for a row that asks to be re-scored."""
     scorings = {"default": config.scoring}
@@ -252,13 +297,13 @@ def scorings_of(row: Row, config: Config) -> dict[str, ScoringConfig]:
 
 
 def run_row(row: Row, cache: FeatureCache, work: Path) -> dict[str, Any]:
-    config = row.config()
+    config = resolved_config(row)
     load_before = os.getloadavg()
     started = time.perf_counter()
     cpu_started = time.process_time()
     split = load_split(row.root, row.category, config, cache)
     train_f, test_f = features_of(split, config, "train"), features_of(split, config, "test")
-    size = config.features.image_size
+    size = config.features.image_hw
     record: dict[str, Any] = {
         **dataclasses.asdict(row),
         "id": row.id,
@@ -267,6 +312,7 @@ def run_row(row: Row, cache: FeatureCache, work: Path) -> dict[str, Any]:
         "n_test": len(split.test),
         "n_test_defective": int(split.labels.sum()),
         "torch_threads": torch.get_num_threads(),
+        "geometry": list(size),
     }
     variants: dict[str, dict[str, Any]] = {}
     if row.method == "knn":
@@ -307,6 +353,15 @@ def run_row(row: Row, cache: FeatureCache, work: Path) -> dict[str, Any]:
             variants[name] = metrics_of(split, scores, maps)
         record["test_images_per_s_cached"] = round(len(split.test) / (time.perf_counter() - t0), 1)
         if row.fader_pair:
+            assert model.fader is not None
+            sweep: dict[str, Any] = {}
+            for threshold, temperature in FADER_SWEEP:
+                model.fader.threshold, model.fader.temperature = threshold, temperature
+                scores, maps = score_model(model, test_f, size, {"x": config.scoring})["x"]
+                name = f"threshold {threshold}, temperature {temperature}"
+                variants[f"fader {name}"] = metrics_of(split, scores, maps)
+                sweep[name] = fader_mask_stats(model, test_f, split.masks)
+            record["fader_masks"] = sweep
             model.fader.fitted.fill_(False)  # the same TFA-Net, attenuator switched off
             scores, maps = score_model(model, test_f, size, {"x": config.scoring})["x"]
             variants["fader_off"] = metrics_of(split, scores, maps)
@@ -369,6 +424,24 @@ ABLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# FADeR's mask threshold (robust SDs above the image's median token) and temperature, swept on one trained model:
+# both only shape the mask at inference, so the sweep re-scores, it does not retrain.
+FADER_SWEEP = [(t, temp) for t in (0.5, 1.0, 2.0, 3.0) for temp in (0.25, 0.5, 1.0)]
+
+# Round 2 (issue #21): geometry, then a template bank at the native geometry, the network-free baselines at that
+# geometry, FADeR swept at it. "square 256²" is the cpu profile's main row (same id, run once).
+NATIVE = ("features.geometry=native",)
+GEOMETRIES = {
+    "native, 256² budget": NATIVE,
+    "native, 320² budget": (*NATIVE, "features.image_size=320", "features.feature_size=40"),
+}
+BANKS = {
+    "k=2": (*NATIVE, "template.strategy=bank", "template.k=2"),
+    "k=4": (*NATIVE, "template.strategy=bank", "template.k=4"),
+    "k=8": (*NATIVE, "template.strategy=bank", "template.k=8"),
+    "blend 8 of 64": (*NATIVE, "template.strategy=bank", "template.k=64", "template.nearest=8"),
+}
+
 # Alternatives to the ``cpu`` profile run exactly like its main rows (full schedule, every seed, re-scored).
 CANDIDATES: dict[str, tuple[str, ...]] = {"map scales 1,2,4,8": ("scoring.scales=[1,2,4,8]",)}
 
@@ -421,6 +494,15 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
     elif name == "final":
         for seed in seeds:
             rows += [Row("main", "cpu", cat, seed=seed, rescore=True) for cat in REAL_CATEGORIES]
+    elif name == "round2":
+        for cat in REAL_CATEGORIES:
+            rows.append(Row("main", "cpu", cat, rescore=True))
+            rows += [Row("geometry", v, cat, overrides=o) for v, o in GEOMETRIES.items()]
+            rows += [Row("bank", v, cat, overrides=o) for v, o in BANKS.items()]
+            rows.append(Row("baseline_native", "mean", cat, method="mean", overrides=NATIVE))
+            rows.append(Row("baseline_native", "patchcore-knn", cat, method="knn", overrides=NATIVE))
+            fader = (*NATIVE, *ABLATION_BASE, "model.fader=true")
+            rows.append(Row("fader_sweep", "native, 10 epochs", cat, overrides=fader, fader_pair=True))
     elif name == "candidates":
         for variant, overrides in CANDIDATES.items():
             for seed in seeds:
@@ -429,7 +511,7 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
                     for cat in REAL_CATEGORIES
                 ]
     else:
-        raise SystemExit(f"unknown plan {name!r}: baselines | ablations | fader | final | candidates")
+        raise SystemExit(f"unknown plan {name!r}: baselines | ablations | fader | final | candidates | round2")
     return list(dict.fromkeys(rows))  # the shared "base" rows once
 
 
@@ -474,7 +556,7 @@ def rescore(rows: list[Row], cache_dir: Path, work: Path, only: str | None) -> N
         bundle = load_bundle(bundle_dir)
         split = load_split(row.root, row.category, bundle.config, cache)
         test_f = features_of(split, bundle.config, "test")
-        scored = score_model(bundle.model, test_f, bundle.config.features.image_size, scorings_of(row, bundle.config))
+        scored = score_model(bundle.model, test_f, bundle.config.features.image_hw, scorings_of(row, bundle.config))
         record["metrics"] = {name: metrics_of(split, *result) for name, result in scored.items()}
         record["rescored_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         write_row(out, record)
@@ -487,6 +569,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--groups", nargs="*", help="ablation groups to run (default: all)")
     parser.add_argument("--only", help="run only rows whose id contains this text")
+    parser.add_argument(
+        "--shard",
+        help="i/n: run every n-th row from the i-th (0-based), so n one-thread processes share the plan's rows",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -504,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     rows = plan(args.plan, args.seeds, args.groups)
+    if args.shard:
+        index, count = (int(x) for x in args.shard.split("/"))
+        rows = rows[index::count]
     if args.command == "list":
         for row in rows:
             print(("done  " if (RUNS / f"{row.id}.json").is_file() else "todo  ") + row.id)

@@ -65,21 +65,26 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
 
 
 def knn_scores(
-    train: torch.Tensor, test: torch.Tensor, image_size: int, coreset: float = 0.1, sigma: float = 4.0, seed: int = 0
+    train: torch.Tensor,
+    test: torch.Tensor,
+    image_size: tuple[int, int],
+    coreset: float = 0.1,
+    sigma: float = 4.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """PatchCore-style scores of ``test`` against a coreset of ``train``; plus the bank sizes for the record."""
     bank = _positions(train)
     index = greedy_coreset(bank, coreset, seed)
     memory = bank[index]
-    n, _, s, _ = test.shape
-    distances = nearest_distances(_positions(test), memory).view(n, 1, s, s)
-    maps = F.interpolate(distances, (image_size, image_size), mode="bilinear", align_corners=True).squeeze(1)
+    n, _, h, w = test.shape
+    distances = nearest_distances(_positions(test), memory).view(n, 1, h, w)
+    maps = F.interpolate(distances, image_size, mode="bilinear", align_corners=True).squeeze(1)
     maps = gaussian_blur(maps, sigma)
     return maps.flatten(1).amax(dim=1), maps, {"bank": len(bank), "coreset": len(memory)}
 
 
 def mean_reconstruction(
-    train: torch.Tensor, test: torch.Tensor, image_size: int, scoring: ScoringConfig, batch: int = 32
+    train: torch.Tensor, test: torch.Tensor, image_size: tuple[int, int], scoring: ScoringConfig, batch: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position mean of the standardized training features as every image's reconstruction, scored like TFA-Net."""
     mean, std = feature_statistics(train)  # and the clamp of TemplateAggregator.set_feature_stats

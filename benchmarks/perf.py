@@ -149,11 +149,10 @@ def _peak_rss_mib() -> float:
 
 def _random_predictor(config: Config, extractor: FeatureExtractor, int8: bool = False) -> Predictor:
     """A predictor on random weights: speed does not depend on what the weights are."""
-    size = config.features.image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_size)
-        model.set_template(extractor(torch.rand(1, 3, size, size))[0])
+        model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_hw)
+        model.set_template(extractor(torch.rand(1, 3, *config.features.image_hw)))
     bundle = Bundle(config=config, model=model, backbone=extractor.describe())
     return Predictor(bundle, device="cpu", batch_size=8, extractor=extractor, int8=int8)
 

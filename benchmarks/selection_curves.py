@@ -50,7 +50,7 @@ def curve(category: str, epochs: int, cache: FeatureCache) -> dict:
     select = separation_selector(
         extractor_for(config.features), [s.path for s in split.val], [s.path for s in split.train], val_f, config
     )
-    size = config.features.image_size
+    size = config.features.image_hw
 
     def signals(model):  # type: ignore[no-untyped-def]
         record = select(model)

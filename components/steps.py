@@ -215,9 +215,10 @@ def features(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     """
     from tfanet_core.cache import FeatureCache
     from tfanet_core.features import FeatureExtractor, extract_features
+    from tfanet_core.geometry import resolve_geometry
 
-    config = ProductSettings.of(product, section).config
     manifest = _manifest(data_root, paths)
+    config = resolve_geometry(ProductSettings.of(product, section).config, manifest)
     cache = FeatureCache(paths.features)
     images = sorted(s.path for split in ("train", "val") for s in manifest.samples(split))
     extract_features(

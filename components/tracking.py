@@ -39,6 +39,7 @@ from PIL import Image
 import tfanet_core
 from components.naming import experiment_name, registered_model_name
 from tfanet_core.bundle import read_metadata
+from tfanet_core.config import as_hw
 from tfanet_core.errors import TfanetError
 
 __all__ = [
@@ -131,10 +132,10 @@ def encode_images(images: Sequence[Path | str | bytes]) -> pd.DataFrame:
     return pd.DataFrame({"image": pd.Series(encoded, dtype="object")})
 
 
-def _grey_example(size: int) -> bytes:
-    """A neutral PNG at the model's input size: an input example that needs no dataset at hand."""
+def _grey_example(size: tuple[int, int]) -> bytes:
+    """A neutral PNG at the model's input size (H, W): an input example that needs no dataset at hand."""
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+    Image.new("RGB", (size[1], size[0]), (128, 128, 128)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -186,7 +187,7 @@ def log_training_run(
     metric_values = flatten_metrics(metrics if isinstance(metrics, Mapping) else json.loads(Path(metrics).read_text()))
     if not metric_values:
         raise TfanetError("no numeric metrics to log: pass tfanet evaluate's metrics.json")
-    size = int(meta["config"]["features"]["image_size"])
+    size = as_hw(meta["config"]["features"]["image_size"])
     example = encode_images(list(example_images)[:2] or [_grey_example(size)])
 
     experiment = mlflow.set_experiment(experiment_name(product))

@@ -16,7 +16,7 @@ from tfanet_core.drift import REFERENCE_FILE, DriftConfig, build_reference, chec
 from tfanet_core.predictor import Predictor
 
 
-def _test_images(synth_root: Path, size: int) -> torch.Tensor:
+def _test_images(synth_root: Path, size: tuple[int, int]) -> torch.Tensor:
     paths = sorted((synth_root / "fabric" / "test" / "good").glob("*.png"))[:2]
     paths += sorted((synth_root / "fabric" / "test" / "hole").glob("*.png"))[:2]
     return torch.stack([image_to_tensor(load_rgb(p), size) for p in paths])
@@ -90,7 +90,7 @@ def test_pasted_anomaly_raises_the_score_and_the_map_peaks_inside_it(fabric_bund
     pasted[:, top : top + side, left : left + side] = torch.tensor([0.9, 0.1, 0.6]).view(3, 1, 1)  # a magenta patch
     scores, maps = predictor.score_tensors(torch.stack([normal, pasted]))
     assert scores[1] > 2 * scores[0]
-    row, col = divmod(int(maps[1].argmax()), size)
+    row, col = divmod(int(maps[1].argmax()), size[1])
     assert top - 4 <= row < top + side + 4 and left - 4 <= col < left + side + 4
 
 

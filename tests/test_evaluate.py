@@ -73,7 +73,9 @@ def test_loco_defects_read_every_channel_and_scale_absolute_saturation(tmp_path:
     paths = [tmp_path / "000.png", tmp_path / "001.png"]
     for arr, path in zip((a, b), paths, strict=True):
         Image.fromarray(arr).save(path)
-    [defects] = loco_defects([Sample(tmp_path / "img.png", "test", "logical", tuple(paths))], config, "custom", 20)
+    [defects] = loco_defects(
+        [Sample(tmp_path / "img.png", "test", "logical", tuple(paths))], config, "custom", (20, 20)
+    )
     assert [d.name for d in defects] == ["missing", "extra"]
     # original 20x40 = 800 px, evaluated at 20x20 = 400 px: absolute 3200 -> 1600, capped at the defect's 100 px
     assert defects[0].mask.sum() == 100 and defects[0].saturation_area == 100

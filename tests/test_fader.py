@@ -177,7 +177,7 @@ def fader_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _good_images(synth_root: Path, size: int) -> torch.Tensor:
+def _good_images(synth_root: Path, size: tuple[int, int]) -> torch.Tensor:
     paths = sorted((synth_root / "fabric" / "test" / "good").glob("*.png"))
     return torch.stack([image_to_tensor(load_rgb(p), size) for p in paths])
 
@@ -189,11 +189,11 @@ def _paste(images: torch.Tensor) -> torch.Tensor:
     return pasted
 
 
-def _pasted_tokens(grid: int, size: int) -> torch.Tensor:
+def _pasted_tokens(grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     top, left, side = PASTE
-    token = size // grid
-    rows = torch.arange(grid).repeat_interleave(grid) * token
-    cols = torch.arange(grid).repeat(grid) * token
+    token = size[0] // grid[0]
+    rows = torch.arange(grid[0]).repeat_interleave(grid[1]) * token
+    cols = torch.arange(grid[1]).repeat(grid[0]) * token
     return (rows >= top) & (rows + token <= top + side) & (cols >= left) & (cols + token <= left + side)
 
 

@@ -17,7 +17,7 @@ def test_patchify_lays_tokens_out_p_q_c_and_inverts() -> None:
     # first token = top-left 2x2 patch, channel fastest: (p=0,q=0,c=0..2), (p=0,q=1,c=0..2), ...
     expected = torch.stack([x[0, :, 0, 0], x[0, :, 0, 1], x[0, :, 1, 0], x[0, :, 1, 1]]).reshape(-1)
     assert torch.equal(tokens[0, 0], expected)
-    assert torch.equal(unpatchify(tokens, 2, 3), x)
+    assert torch.equal(unpatchify(tokens, 2, 3, (2, 2)), x)
 
 
 def test_sincos_embedding_has_zero_cls_row_and_distinct_positions() -> None:
@@ -100,6 +100,6 @@ def test_template_and_feature_statistics_travel_in_the_state_dict() -> None:
     model.set_template(torch.full((8, 16, 16), 3.0))
     model.set_feature_stats(torch.ones(8), torch.full((8,), 2.0))
     state = model.state_dict()
-    assert torch.equal(state["template"], torch.full((8, 16, 16), 3.0))
+    assert torch.equal(state["template"], torch.full((1, 8, 16, 16), 3.0))  # a bank of one
     assert torch.equal(state["feature_std"], torch.full((8,), 2.0))
     assert "pos_embed" not in state  # fixed, rebuilt from the config

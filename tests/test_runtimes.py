@@ -40,7 +40,7 @@ def _random_bundle(seed: int) -> Bundle:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_size)
-        model.set_template(extractor(torch.rand(1, 3, 128, 128))[0])
+        model.set_template(extractor(torch.rand(1, 3, 128, 128)))
     bundle = Bundle(config=config, model=model, backbone=extractor.describe())
     scores, _ = Predictor(bundle, device="cpu").score_tensors(probe_images(128))
     low, high = scores.sort().values[3:5].tolist()

@@ -62,7 +62,12 @@ class Bundle:
             "format_version": FORMAT_VERSION,
             "tfanet_version": __version__,
             "config": self.config.to_dict(),
-            "model": {"in_channels": self.model.in_channels, "feature_size": self.model.feature_size},
+            "model": {
+                "in_channels": self.model.in_channels,
+                "feature_size": list(self.model.feature_size),
+                "templates": self.model.templates,
+                "nearest": self.model.nearest,
+            },
             "backbone": self.backbone,
             "template": self.template,
             "thresholds": {level: t.to_dict() for level, t in self.thresholds.items()},
@@ -120,7 +125,14 @@ def load_bundle(path: Path | str, map_location: str | torch.device = "cpu") -> B
     if not weights.is_file():
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing; the bundle is incomplete")
     config = Config.from_dict(meta["config"])
-    model = TemplateAggregator(config.model, meta["model"]["in_channels"], meta["model"]["feature_size"])
+    shape = meta["model"]
+    model = TemplateAggregator(
+        config.model,
+        shape["in_channels"],
+        shape["feature_size"],
+        templates=shape.get("templates", 1),
+        nearest=shape.get("nearest", 1),
+    )
     model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True), strict=True)
     model.eval()
     return Bundle(

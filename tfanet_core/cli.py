@@ -125,6 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "score": pred.score,
                 "threshold": pred.threshold,
                 "is_anomalous": pred.is_anomalous,
+                "templates": pred.templates,
             }
             print(json.dumps(row), flush=True)
     return 0

@@ -28,9 +28,31 @@ class FeatureConfig:
     backbone: str = "efficientnet_lite2"
     layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     pool_stem: bool = False
-    image_size: int = 256
-    feature_size: int = 64
+    image_size: int | list[int] = 256  # an int is a square; [H, W] a fixed rectangle
+    feature_size: int | list[int] = 64  # the fused feature map: an int or [h, w], as image_size
     standardize: bool = False
+    # fixed: image_size as given. native: the training images' median aspect ratio at the pixel budget of
+    # image_size (tfanet_core/geometry.py), resolved once per product into [H, W] and recorded in the bundle.
+    geometry: str = "fixed"
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the image the backbone sees."""
+        return as_hw(self.image_size)
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        """(height, width) of the fused feature map TFA-Net reconstructs."""
+        return as_hw(self.feature_size)
+
+
+def as_hw(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """An int (a square) or an [H, W] pair as an (H, W) tuple."""
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2:
+        raise ConfigError(f"a size is an int (square) or [height, width], got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 @dataclass
@@ -74,7 +96,9 @@ class TrainConfig:
 
 @dataclass
 class TemplateConfig:
-    strategy: str = "first"
+    strategy: str = "first"  # first | medoid | best_of_k | bank (tfanet_core/templates.py)
+    k: int = 4  # bank: templates kept (k-center cover of the training images); best_of_k: candidates tried
+    nearest: int = 1  # bank: each image is aggregated onto the mean of its `nearest` templates (1: the nearest)
 
 
 @dataclass
@@ -130,6 +154,8 @@ PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 SCORING_MAPS = ("product", "sum")
 IMAGE_SCORES = ("std", "max", "topk")
 SELECTIONS = ("last", "val_loss", "synthetic")
+GEOMETRIES = ("fixed", "native")
+TEMPLATE_STRATEGIES = ("first", "medoid", "best_of_k", "bank")
 
 
 def _raw_profiles() -> dict[str, dict[str, Any]]:
@@ -196,8 +222,22 @@ def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Con
 def validate(config: Config) -> None:
     f, m, s, t = config.features, config.model, config.scoring, config.train
     problems = []
-    if f.feature_size % m.patch_size:
+    try:
+        (ih, iw), (fh, fw) = f.image_hw, f.feature_hw
+    except (ConfigError, TypeError, ValueError):
+        raise ConfigError(
+            f"features.image_size={f.image_size!r} and features.feature_size={f.feature_size!r} must each be an "
+            "int (square) or [height, width]"
+        ) from None
+    if fh % m.patch_size or fw % m.patch_size:
         problems.append(f"features.feature_size={f.feature_size} is not a multiple of model.patch_size={m.patch_size}")
+    if f.geometry not in GEOMETRIES:
+        problems.append(f"features.geometry={f.geometry!r} must be one of {GEOMETRIES}")
+    elif f.geometry == "native" and (ih % fh or iw % fw or ih // fh != iw // fw):
+        problems.append(
+            f"features.geometry=native scales the image and the feature map together, so image_size "
+            f"{f.image_size} must be the same whole multiple of feature_size {f.feature_size} in both directions"
+        )
     if m.embed_dim % m.tfam_heads:
         problems.append(f"model.embed_dim={m.embed_dim} is not divisible by model.tfam_heads={m.tfam_heads}")
     if m.decoder_dim % m.fdrm_heads:
@@ -212,13 +252,18 @@ def validate(config: Config) -> None:
         )
     if s.map not in SCORING_MAPS:
         problems.append(f"scoring.map={s.map!r} must be one of {SCORING_MAPS}")
-    if not s.scales or any(k < 1 or f.feature_size % k for k in s.scales) or len(set(s.scales)) != len(s.scales):
+    if not s.scales or any(k < 1 or fh % k or fw % k for k in s.scales) or len(set(s.scales)) != len(s.scales):
         problems.append(
             f"scoring.scales={s.scales} must be distinct divisors of features.feature_size={f.feature_size} "
             "(e.g. [1, 8])"
         )
     if s.image_score not in IMAGE_SCORES:
         problems.append(f"scoring.image_score={s.image_score!r} must be one of {IMAGE_SCORES}")
+    tp = config.template
+    if tp.strategy not in TEMPLATE_STRATEGIES:
+        problems.append(f"template.strategy={tp.strategy!r} must be one of {TEMPLATE_STRATEGIES}")
+    if tp.k < 1 or not 1 <= tp.nearest <= tp.k:
+        problems.append(f"template.k={tp.k} and template.nearest={tp.nearest} need 1 <= nearest <= k")
     if t.selection not in SELECTIONS:
         problems.append(f"train.selection={t.selection!r} must be one of {SELECTIONS}")
     if t.patience < 0:

@@ -91,9 +91,9 @@ def pool_maps(maps: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def _batches(
-    images: torch.Tensor | Sequence[Path | str], size: int, batch_size: int, progress: bool, desc: str
+    images: torch.Tensor | Sequence[Path | str], size: tuple[int, int], batch_size: int, progress: bool, desc: str
 ) -> Iterator[torch.Tensor]:
-    """Batches [B, 3, S, S] of a tensor or of image files (loaded lazily, so the bar tracks the work)."""
+    """Batches [B, 3, H, W] of a tensor or of image files (loaded lazily, so the bar tracks the work)."""
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = images[start : start + batch_size]
         if isinstance(chunk, torch.Tensor):
@@ -111,7 +111,7 @@ def embed(
     """Pooled backbone embeddings [N, D] of image files or of a tensor [N, 3, S, S] in [0, 1] at the input size."""
     parts = [
         pool_maps(extractor.layer_maps(b))
-        for b in _batches(images, extractor.config.image_size, batch_size, progress, "embed")
+        for b in _batches(images, extractor.config.image_hw, batch_size, progress, "embed")
     ]
     return np.concatenate(parts) if parts else np.empty((0, extractor.out_channels))
 

@@ -1,6 +1,6 @@
 """``tfanet evaluate``: MVTec-style metrics, curves and overlays for one category's test split.
 
-Everything is computed at the model's input resolution (maps are image_size², masks are
+Everything is computed at the model's input resolution (maps are H×W of the bundle's geometry, masks are
 resized with NEAREST), which is how the paper and anomalib report MVTec numbers. Metrics are
 given overall and per defect type (each type against all good test images); LOCO categories
 also get AU-sPRO with the saturation areas of ``defects_config.json``.
@@ -71,27 +71,26 @@ def score_test_split(predictor: Predictor, samples: list[Sample], progress: bool
     masks = None
     if has_masks:
         masks = np.stack(
-            [
-                load_mask(s.mask_paths, (size, size)) if s.mask_paths else np.zeros((size, size), dtype=bool)
-                for s in samples
-            ]
+            [load_mask(s.mask_paths, size) if s.mask_paths else np.zeros(size, dtype=bool) for s in samples]
         )
     return ScoredSplit(samples, np.concatenate(scores), np.concatenate(maps), masks)
 
 
-def loco_defects(samples: list[Sample], config: list[dict[str, Any]], category: str, size: int) -> list[list[Defect]]:
+def loco_defects(
+    samples: list[Sample], config: list[dict[str, Any]], category: str, size: tuple[int, int]
+) -> list[list[Defect]]:
     """Per image, one Defect per ground-truth channel (every channel, not just the first).
 
     Absolute saturation thresholds are pixel counts at the original resolution; they are scaled
-    by (evaluation pixels / original pixels) so that sPRO means the same thing at image_size².
+    by (evaluation pixels / original pixels) so that sPRO means the same thing at the evaluation size (H, W).
     """
     channels_of = [
-        [np.asarray(open_mask_image(p).resize((size, size), Image.Resampling.NEAREST)) for p in s.mask_paths]
+        [np.asarray(open_mask_image(p).resize((size[1], size[0]), Image.Resampling.NEAREST)) for p in s.mask_paths]
         for s in samples
     ]
     first_mask = next((p for s in samples for p in s.mask_paths), None)
-    original = LOCO_ORIGINAL_SIZES.get(category) or (open_mask_image(first_mask).size if first_mask else (size, size))
-    scale = (size * size) / float(original[0] * original[1])
+    original = LOCO_ORIGINAL_SIZES.get(category) or (open_mask_image(first_mask).size if first_mask else size)
+    scale = (size[0] * size[1]) / float(original[0] * original[1])
     scaled = [
         {**e, "saturation_threshold": e["saturation_threshold"] * (1.0 if e["relative_saturation"] else scale)}
         for e in config
@@ -300,7 +299,7 @@ def evaluate(
             "bundle": str(bundle),
             "profile": predictor.config.profile,
             "backbone": predictor.bundle.backbone.get("tag"),
-            "resolution": predictor.image_size,
+            "resolution": list(predictor.image_size),
             "n_test": len(samples),
         }
     )

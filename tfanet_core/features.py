@@ -358,7 +358,7 @@ class FeatureExtractor(nn.Module):
 
     def fuse(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Resize every layer to the feature size (bilinear, align_corners=True) and concatenate channels."""
-        size = (self.config.feature_size, self.config.feature_size)
+        size = self.config.feature_hw
         resized = [
             m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=True) for m in maps
         ]
@@ -398,7 +398,8 @@ def cache_namespace(extractor: FeatureExtractor) -> dict[str, Any]:
         "weights_sha256": extractor.weight_sha256,
         "layers": [int(i) for i in c.layers],
         "pool_stem": bool(c.pool_stem),
-        "image_size": int(c.image_size),
+        # a square stays an int, so entries written before [H, W] sizes existed keep their keys
+        "image_size": c.image_hw[0] if c.image_hw[0] == c.image_hw[1] else list(c.image_hw),
         "preprocess": PREPROCESS,
     }
 
@@ -425,7 +426,7 @@ def cached_layer_maps(
     found = [cache.get(key) for key in keys]
     missing = [i for i, maps in enumerate(found) if maps is None]
     if missing:
-        size = extractor.config.image_size
+        size = extractor.config.image_hw
         images = torch.stack([image_to_tensor(to_rgb(open_image(paths[i], blobs[i])), size) for i in missing])
         computed = extractor.layer_maps(images.to(device))
         cache.stats.forwards += 1
@@ -449,7 +450,7 @@ def extract_features(
     With a ``cache``, layer maps are read from it (hits run nothing) or computed and stored, and the
     features are fused from the stored float16 maps either way, so cold and warm runs agree bit for bit.
     """
-    size = extractor.config.image_size
+    size = extractor.config.image_hw
     extractor.to(device)
     parts = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
@@ -463,5 +464,5 @@ def extract_features(
             parts.append(extractor.fuse(maps).float().cpu())
             bar.update(len(chunk))
     if not parts:
-        return torch.empty(0, extractor.out_channels, extractor.config.feature_size, extractor.config.feature_size)
+        return torch.empty(0, extractor.out_channels, *extractor.config.feature_hw)
     return torch.cat(parts)

@@ -29,12 +29,11 @@ def _count_flops(fn: Callable[..., object], *args: object) -> int:
 def model_info(config: Config) -> dict[str, Any]:
     """Counts from an architecture-only build: weights do not change sizes or FLOPs."""
     extractor = FeatureExtractor(config.features, load_weights=False)
-    model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_size).eval()
+    model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_hw).eval()
     backbone = sum(p.numel() for p in extractor.parameters())
     counts = model.parameter_counts()
 
-    size = config.features.image_size
-    image = torch.rand(1, 3, size, size)
+    image = torch.rand(1, 3, *config.features.image_hw)
     features = extractor(image)
     model.template_tokens()  # warm the template cache: served models compute it once per bundle
     backbone_flops = _count_flops(extractor, image)
@@ -43,7 +42,7 @@ def model_info(config: Config) -> dict[str, Any]:
     return {
         "profile": config.profile,
         "backbone": config.features.backbone,
-        "feature_shape": [extractor.out_channels, config.features.feature_size, config.features.feature_size],
+        "feature_shape": [extractor.out_channels, *config.features.feature_hw],
         "tokens": model.num_patches,
         "parameters": {
             "backbone": backbone,

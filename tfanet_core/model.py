@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -20,12 +21,16 @@ from tfanet_core.config import ModelConfig
 from tfanet_core.fader import FeatureAttenuator
 
 
-def sincos_pos_embed(dim: int, grid: int, cls_row: bool = True) -> torch.Tensor:
-    """Fixed 2-D sine-cosine embedding [1, (1+)grid², dim]: half the channels encode rows, half columns."""
+def sincos_pos_embed(dim: int, grid: int | tuple[int, int], cls_row: bool = True) -> torch.Tensor:
+    """Fixed 2-D sine-cosine embedding [1, (1+)rows·cols, dim]: half the channels encode rows, half columns.
+
+    ``grid`` is an int (a square) or (rows, cols): a non-square feature map keeps each token's true row and column.
+    """
     if dim % 4:
         raise ValueError(f"sin-cos positional embedding needs a dimension divisible by 4, got {dim}")
+    n_rows, n_cols = (grid, grid) if isinstance(grid, int) else grid
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(np.arange(n_rows, dtype=np.float64), np.arange(n_cols, dtype=np.float64), indexing="ij")
 
     def encode(pos: np.ndarray) -> np.ndarray:
         angles = np.outer(pos.reshape(-1), omega)
@@ -46,13 +51,13 @@ def patchify(features: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    b, n, _ = tokens.shape
-    grid = round(n**0.5)
-    x = tokens.reshape(b, grid, grid, patch, patch, channels)
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a token grid of (rows, cols)."""
+    b = tokens.shape[0]
+    rows, cols = grid
+    x = tokens.reshape(b, rows, cols, patch, patch, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, channels, grid * patch, grid * patch)
+    return x.reshape(b, channels, rows * patch, cols * patch)
 
 
 def drop_random_tokens(tokens: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -64,11 +69,21 @@ def drop_random_tokens(tokens: torch.Tensor, ratio: float, generator: torch.Gene
     return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, d))
 
 
-class TemplateAggregator(nn.Module):
-    """TFA-Net on backbone features: [B, C, S, S] → reconstruction tokens [B, (S/K)², K²·C].
+#: Side of the pooled feature grid a template bank is searched on: coarse enough to ignore small defects and
+#: noise, fine enough to tell poses and part variants apart (a 4×4 layout of the part).
+KEY_GRID = 4
+#: A bank entry within this relative squared distance of an input is the input itself (or a byte-identical
+#: copy, up to the feature cache's float16 rounding): training never reconstructs an image from itself.
+SELF_TOLERANCE = 1e-4
 
-    The template's features and the per-channel standardization statistics are persistent
-    buffers, so they travel in the state dict with the weights (the bundle needs nothing else).
+
+class TemplateAggregator(nn.Module):
+    """TFA-Net on backbone features: [B, C, h, w] → reconstruction tokens [B, (h/K)(w/K), K²·C].
+
+    The template bank's features [T, C, h, w] and the per-channel standardization statistics are
+    persistent buffers, so they travel in the state dict with the weights (the bundle needs nothing
+    else). T = 1 is the paper's single fixed template. With T > 1 each input is aggregated onto the
+    mean of its ``nearest`` bank entries, found by :meth:`nearest_templates`.
     """
 
     # Buffers registered in __init__, declared here so type checkers see Tensors (not Tensor | Module).
@@ -78,15 +93,26 @@ class TemplateAggregator(nn.Module):
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
 
-    def __init__(self, config: ModelConfig, in_channels: int, feature_size: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        in_channels: int,
+        feature_size: int | tuple[int, int] | list[int],
+        templates: int = 1,
+        nearest: int = 1,
+    ) -> None:
         super().__init__()
-        if feature_size % config.patch_size:
+        rows, cols = (feature_size, feature_size) if isinstance(feature_size, int) else feature_size
+        if rows % config.patch_size or cols % config.patch_size:
             raise ValueError(f"feature size {feature_size} is not a multiple of patch size {config.patch_size}")
+        if templates < 1 or not 1 <= nearest <= templates:
+            raise ValueError(f"a template bank needs 1 <= nearest ({nearest}) <= templates ({templates})")
         self.config = config
         self.in_channels = in_channels
-        self.feature_size = feature_size
-        self.grid = feature_size // config.patch_size
-        self.num_patches = self.grid**2
+        self.feature_size = (int(rows), int(cols))
+        self.grid = (rows // config.patch_size, cols // config.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.nearest = nearest
         k, d, dd = config.patch_size, config.embed_dim, config.decoder_dim
         norm = partial(nn.LayerNorm, eps=1e-6)
         block_norm = cast(type[nn.Module], norm)  # timm annotates norm_layer as a class; any factory works
@@ -108,7 +134,7 @@ class TemplateAggregator(nn.Module):
         self.fdrm_norm = norm(dd)
         self.head = nn.Linear(dd, k * k * in_channels, bias=True)
 
-        self.register_buffer("template", torch.zeros(in_channels, feature_size, feature_size))
+        self.register_buffer("template", torch.zeros(templates, in_channels, rows, cols))
         self.register_buffer("feature_mean", torch.zeros(in_channels))
         self.register_buffer("feature_std", torch.ones(in_channels))
         self._template_cache: torch.Tensor | None = None
@@ -119,6 +145,11 @@ class TemplateAggregator(nn.Module):
             if config.fader
             else None
         )
+
+    @property
+    def templates(self) -> int:
+        """Size of the template bank (1: the paper's single template)."""
+        return int(self.template.shape[0])
 
     def _init_weights(self) -> None:
         # MAE-style: xavier on linear layers and the (flattened) patch projection, small normal cls token.
@@ -138,7 +169,7 @@ class TemplateAggregator(nn.Module):
     # --- state that travels with the weights -------------------------------------------------------
 
     def set_template(self, features: torch.Tensor) -> None:
-        """Store the template's raw backbone features [C, S, S] (computed once, never per call)."""
+        """Store the template bank's raw backbone features [T, C, h, w] ([C, h, w] for one; computed once)."""
         self.template.copy_(features.reshape(self.template.shape))
         self._template_cache = None
 
@@ -155,9 +186,12 @@ class TemplateAggregator(nn.Module):
         self._template_cache = None
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._template_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        key = prefix + "template"
+        if key in state_dict and state_dict[key].dim() == 3:  # bundles before template banks: one [C, S, S]
+            state_dict[key] = state_dict[key].unsqueeze(0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- forward -------------------------------------------------------------------------------------
 
@@ -169,25 +203,61 @@ class TemplateAggregator(nn.Module):
         return self.content_tokens(standardized) + self.pos_embed[:, 1:]
 
     def template_tokens(self) -> torch.Tensor:
-        """Embedded template tokens [1, L, D]; cached in inference, where weights cannot change."""
+        """Embedded tokens [1, L, D] of a single template; cached in inference, where weights cannot change."""
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable and self._template_cache is not None and self._template_cache.device == self.template.device:
             return self._template_cache
-        tokens = self._embed(self.standardize(self.template.unsqueeze(0)))
+        tokens = self._embed(self.standardize(self.template[:1]))
         if cacheable:
             self._template_cache = tokens
         return tokens
 
-    def forward(self, standardized: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standardized input features [B, C, S, S] → predicted tokens [B, L, K²·C] (standardized space)."""
+    def nearest_templates(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Bank indices [B, nearest] each input is aggregated onto, nearest first.
+
+        "Nearest" is the mean squared difference of the standardized features average-pooled to a
+        KEY_GRID × KEY_GRID layout (C·16 numbers per image: about T·C·16 multiply-adds per image, nothing
+        next to the backbone). An entry that *is* the input (relative distance ≤ SELF_TOLERANCE) is skipped
+        whenever the bank has more entries than ``nearest``, so no training image is reconstructed from itself.
+        """
         b = standardized.shape[0]
+        if self.templates == 1:
+            return torch.zeros(b, 1, dtype=torch.long, device=standardized.device)
+        keys = F.adaptive_avg_pool2d(standardized, KEY_GRID).flatten(1)
+        bank = F.adaptive_avg_pool2d(self.standardize(self.template), KEY_GRID).flatten(1)
+        distance = (keys.unsqueeze(1) - bank.unsqueeze(0)).pow(2).mean(dim=-1)  # [B, T]
+        if self.templates > self.nearest:
+            itself = distance <= SELF_TOLERANCE * keys.pow(2).mean(dim=-1, keepdim=True)
+            distance = distance.masked_fill(itself, float("inf"))
+        return distance.topk(self.nearest, dim=1, largest=False).indices
+
+    def _bank_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, D] of the mean of each input's chosen bank entries (embedding is affine: mean of tokens)."""
+        if self.templates == 1:
+            return self.template_tokens().expand(index.shape[0], -1, -1)
+        blended = self.template[index].mean(dim=1)  # [B, C, h, w]
+        return self._embed(self.standardize(blended))
+
+    def forward(
+        self,
+        standardized: torch.Tensor,
+        generator: torch.Generator | None = None,
+        templates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Standardized input features [B, C, h, w] → predicted tokens [B, L, K²·C] (standardized space).
+
+        ``templates`` ([B, nearest] bank indices) defaults to :meth:`nearest_templates` of the input.
+        """
+        b = standardized.shape[0]
+        if templates is None:
+            templates = self.nearest_templates(standardized)
         content = self.content_tokens(standardized)
         if self.fader is not None and self.fader.is_fitted:
             content = content * self.fader.mask(content).unsqueeze(-1)
         inputs = content + self.pos_embed[:, 1:]
         if self.training and self.config.mask_ratio > 0:
             inputs = drop_random_tokens(inputs, self.config.mask_ratio, generator)
-        template = self.template_tokens().expand(b, -1, -1)
+        template = self._bank_tokens(templates)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
 
         x = torch.cat([cls, inputs, template], dim=1)
@@ -202,10 +272,16 @@ class TemplateAggregator(nn.Module):
         x = self.head(self.fdrm_norm(x))
         return x[:, 1:]
 
-    def reconstruct(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw features → (standardized target, standardized reconstruction), both [B, C, S, S]."""
+    def aggregate(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw features → (standardized target, standardized reconstruction, bank indices used [B, nearest])."""
         target = self.standardize(features)
-        predicted = unpatchify(self(target), self.config.patch_size, self.in_channels)
+        templates = self.nearest_templates(target)
+        predicted = unpatchify(self(target, templates=templates), self.config.patch_size, self.in_channels, self.grid)
+        return target, predicted, templates
+
+    def reconstruct(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw features → (standardized target, standardized reconstruction), both [B, C, h, w]."""
+        target, predicted, _ = self.aggregate(features)
         return target, predicted
 
     def parameter_counts(self) -> dict[str, int]:

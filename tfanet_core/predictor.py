@@ -41,6 +41,9 @@ FAST_PATH_TOLERANCE = 1e-4
 INT8_TOLERANCE = 0.05
 INT8_AUROC_TOLERANCE = 0.01
 
+#: What scoring a batch yields: image scores [N], anomaly maps [N, H, W], template-bank indices used [N, nearest].
+Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class Prediction:
@@ -55,6 +58,7 @@ class Prediction:
     is_anomalous: bool | None
     anomaly_map: np.ndarray | None = None  # [H, W] float32 at the model's input size
     pred_mask: np.ndarray | None = None  # [H, W] bool
+    templates: list[str] | None = None  # training images it was aggregated onto (the template or bank entries)
 
 
 def default_device() -> torch.device:
@@ -140,8 +144,15 @@ class Predictor:
         return cls(bundle, device=device, batch_size=batch_size, int8=int8, runtime=runtime, export_dir=export_dir)
 
     @property
-    def image_size(self) -> int:
-        return self.config.features.image_size
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) the bundle's model takes: images are resized to it, maps and masks are judged at it."""
+        return self.config.features.image_hw
+
+    def template_names(self, indices: Sequence[int]) -> list[str]:
+        """Training images (dataset-relative paths) behind template-bank indices, as the bundle records them."""
+        record = self.bundle.template
+        bank = record.get("bank") or [{"image": record.get("image", "template")}]
+        return [str(bank[i]["image"]) for i in indices]
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.device.type == "cuda":
@@ -149,31 +160,35 @@ class Predictor:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def _score_batch(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_batch(self, features: torch.Tensor) -> Scored:
         with self._autocast():
-            target, predicted = self.model.reconstruct(features.to(self.device))
+            target, predicted, templates = self.model.aggregate(features.to(self.device))
         maps = anomaly_map(target.float(), predicted.float(), self.image_size, self.config.scoring)
-        return image_score(maps, self.config.scoring).cpu(), maps.cpu()
+        return image_score(maps, self.config.scoring).cpu(), maps.cpu(), templates.cpu()
 
-    def _batched(
-        self, inputs: torch.Tensor, fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps = [], []
+    def _batched(self, inputs: torch.Tensor, fn: Callable[[torch.Tensor], Scored]) -> Scored:
+        scores, maps, templates = [], [], []
         for i in range(0, len(inputs), self.batch_size):
-            s, m = fn(inputs[i : i + self.batch_size])
+            s, m, t = fn(inputs[i : i + self.batch_size])
             scores.append(s)
             maps.append(m)
+            templates.append(t)
         if not scores:
-            return torch.empty(0), torch.empty(0, self.image_size, self.image_size)
-        return torch.cat(scores), torch.cat(maps)
+            return (
+                torch.empty(0),
+                torch.empty(0, *self.image_size),
+                torch.empty(0, self.model.nearest, dtype=torch.long),
+            )
+        return torch.cat(scores), torch.cat(maps), torch.cat(templates)
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features [N, C, S, S] → (image scores [N], anomaly maps [N, H, W]), on the CPU."""
-        return self._batched(features, self._score_batch)
+        """Backbone features [N, C, h, w] → (image scores [N], anomaly maps [N, H, W]), on the CPU."""
+        scores, maps, _ = self._batched(features, self._score_batch)
+        return scores, maps
 
     @torch.inference_mode()
-    def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores [N], maps [N, H, W])."""
+    def score_images(self, images: torch.Tensor) -> Scored:
+        """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores, maps, template indices), on the CPU."""
         if self.exported is not None:
             return self._batched(images, self.exported.scores)
         # Features back to contiguous: TFA-Net's patch-embedding conv is slower on channels-last input.
@@ -184,11 +199,17 @@ class Predictor:
             ),
         )
 
-    def _to_predictions(self, scores: torch.Tensor, maps: torch.Tensor, return_maps: bool) -> list[Prediction]:
+    def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, 3, H, W] in [0, 1] at the model's input size → (scores [N], maps [N, H, W])."""
+        scores, maps, _ = self.score_images(images)
+        return scores, maps
+
+    def _to_predictions(self, scored: Scored, return_maps: bool) -> list[Prediction]:
         out = []
-        for score, amap in zip(scores.tolist(), maps, strict=True):
+        scores, maps, templates = scored
+        for score, amap, used in zip(scores.tolist(), maps, templates.tolist(), strict=True):
             flagged = None if self.image_threshold is None else bool(self.image_threshold.is_anomalous(score))
-            prediction = Prediction(score, self.threshold, flagged)
+            prediction = Prediction(score, self.threshold, flagged, templates=self.template_names(used))
             if return_maps:
                 prediction.anomaly_map = amap.numpy()
                 if self.pixel_threshold is not None:
@@ -198,7 +219,7 @@ class Predictor:
 
     def predict(self, images: Sequence[Image.Image], return_maps: bool = False) -> list[Prediction]:
         batch = torch.stack([image_to_tensor(img, self.image_size) for img in images])
-        return self._to_predictions(*self.score_tensors(batch), return_maps)
+        return self._to_predictions(self.score_images(batch), return_maps)
 
     def predict_paths(self, paths: Iterable[Path | str], return_maps: bool = False) -> list[Prediction]:
         paths = list(paths)

@@ -43,26 +43,29 @@ class PseudoAnomalies:
 
 
 def _cutpaste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    n = image.shape[0]
-    h, w = (rng.uniform(0.06, 0.2, 2) * n).astype(int)
-    sy, sx, dy, dx = rng.integers(0, n - h), rng.integers(0, n - w), rng.integers(0, n - h), rng.integers(0, n - w)
+    rows, cols = image.shape[:2]
+    h, w = (rng.uniform(0.06, 0.2, 2) * (rows, cols)).astype(int)
+    sy, sx = rng.integers(0, rows - h), rng.integers(0, cols - w)
+    dy, dx = rng.integers(0, rows - h), rng.integers(0, cols - w)
     out = image.copy()
     out[dy : dy + h, dx : dx + w] = np.clip(donor[sy : sy + h, sx : sx + w] * rng.uniform(0.7, 1.3), 0, 1)
-    mask = np.zeros((n, n), dtype=bool)
+    mask = np.zeros((rows, cols), dtype=bool)
     mask[dy : dy + h, dx : dx + w] = True
     return out, mask
 
 
-def _blob_mask(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth random shape: upsampled noise above a high quantile, inside a random window."""
-    rows, cols = np.mgrid[:n, :n]
-    mask = np.zeros((n, n), dtype=bool)
+def _blob_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth random shape: upsampled noise above a high quantile, inside a random window (sized by the short side)."""
+    h, w = shape
+    n = min(h, w)
+    rows, cols = np.mgrid[:h, :w]
+    mask = np.zeros((h, w), dtype=bool)
     for _ in range(50):
         grid = int(rng.integers(4, 12))
         noise = Image.fromarray(rng.standard_normal((grid, grid)).astype(np.float32))
-        field = np.asarray(noise.resize((n, n), Image.Resampling.BICUBIC))
+        field = np.asarray(noise.resize((w, h), Image.Resampling.BICUBIC))
         mask = field > np.quantile(field, rng.uniform(0.97, 0.995))
-        cy, cx = rng.integers(n // 8, n - n // 8, 2)
+        cy, cx = rng.integers(np.array([h // 8, w // 8]), np.array([h - h // 8, w - w // 8]))
         half = rng.integers(n // 10, n // 4)
         mask &= (np.abs(rows - cy) < half) & (np.abs(cols - cx) < half)
         if MIN_AREA < mask.mean() < MAX_AREA:
@@ -71,7 +74,7 @@ def _blob_mask(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _blob(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    mask = _blob_mask(image.shape[0], rng)
+    mask = _blob_mask(image.shape[:2], rng)
     if rng.random() < 0.5:
         gain = rng.uniform(0.3, 0.7) if rng.random() < 0.5 else rng.uniform(1.4, 2.0)
         content = image * gain
@@ -84,10 +87,10 @@ def _blob(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 
 
 def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    n = image.shape[0]
-    canvas = Image.new("L", (n, n), 0)
-    x, y = rng.uniform(0.15, 0.85, 2) * n
-    angle, length = rng.uniform(0, np.pi), rng.uniform(0.1, 0.35) * n
+    h, w = image.shape[:2]
+    canvas = Image.new("L", (w, h), 0)
+    x, y = rng.uniform(0.15, 0.85, 2) * (w, h)
+    angle, length = rng.uniform(0, np.pi), rng.uniform(0.1, 0.35) * min(h, w)
     points = [(x, y)]
     for _ in range(4):  # a slightly curved polyline
         angle += rng.normal(0, 0.2)
@@ -101,9 +104,7 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 
 def synthesize(normals: torch.Tensor, donors: torch.Tensor, per_image: int, seed: int) -> PseudoAnomalies:
-    """``per_image`` defective copies of each normal image [N, 3, S, S]; CutPaste patches come from ``donors``."""
-    if normals.shape[-1] != normals.shape[-2]:
-        raise ValueError(f"square images expected, got {tuple(normals.shape[-2:])}")
+    """``per_image`` defective copies of each normal image [N, 3, H, W]; CutPaste patches come from ``donors``."""
     rng = np.random.default_rng(seed)
     base = normals.permute(0, 2, 3, 1).numpy().astype(np.float32)
     donor_images = donors.permute(0, 2, 3, 1).numpy().astype(np.float32)
@@ -129,7 +130,7 @@ def separation(
     normal_features: torch.Tensor,
     anomaly_features: torch.Tensor,
     anomaly_masks: np.ndarray,
-    image_size: int,
+    image_size: tuple[int, int],
     scoring: ScoringConfig,
 ) -> dict[str, float]:
     """Image and pixel AUROC of pseudo-anomalies against the normals; the pixel AUROC is the selection signal.
@@ -175,7 +176,7 @@ def separation_selector(
     """
     if not val_paths:
         raise ValueError("train.selection=synthetic needs held-out normal images (train.val_fraction > 0)")
-    size = extractor.config.image_size
+    size = extractor.config.image_hw
     normals = torch.stack([image_to_tensor(load_rgb(p), size) for p in val_paths])
     donors = torch.stack([image_to_tensor(load_rgb(p), size) for p in list(donor_paths)[:MAX_DONORS]])
     per_image = max(1, -(-TARGET_COUNT // len(val_paths)))

@@ -1,9 +1,10 @@
 """Exported runtimes: a bundle's whole inference path as one ONNX or OpenVINO graph, and the parity it must keep.
 
-The graph takes images [N, 3, H, W] in [0, 1] (any N) and returns (scores [N], maps [N, H, W]): backbone,
-standardization, TFA-Net with the template tokens folded in as a constant, anomaly map, Gaussian blur and
-image score. Nothing is recomputed or re-decided at serving time; the threshold travels beside the graph in
-``export.json`` with the bundle's digest, the runtime's version and the parity measured when it was written.
+The graph takes images [N, 3, H, W] in [0, 1] (any N) and returns (scores [N], maps [N, H, W], template-bank
+indices [N, nearest]): backbone, standardization, the nearest-template lookup, TFA-Net with the template bank
+folded in as a constant, anomaly map, Gaussian blur and image score. Nothing is recomputed or re-decided at
+serving time; the threshold travels beside the graph in ``export.json`` with the bundle's digest, the runtime's
+version and the parity measured when it was written.
 
 An export is only ever written or used after its scores were compared with the torch bundle's on a probe
 set (normal images plus synthetic defects drawn onto them): refused above ``PARITY_TOLERANCE`` (relative) or
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tfanet_core.bundle import Bundle
-from tfanet_core.config import Config
+from tfanet_core.config import Config, as_hw
 from tfanet_core.errors import ConfigError
 from tfanet_core.features import FeatureExtractor, sha256_file
 from tfanet_core.model import TemplateAggregator
@@ -85,18 +86,20 @@ class InferenceGraph(nn.Module):
         with torch.inference_mode():  # fills the model's template-token cache: traced as a constant
             model.template_tokens()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.extractor.fuse(self.extractor.layer_maps(images))
-        target, predicted = self.model.reconstruct(features)
-        maps = anomaly_map(target, predicted, self.config.features.image_size, self.config.scoring)
-        return image_score(maps, self.config.scoring), maps
+        target, predicted, templates = self.model.aggregate(features)
+        maps = anomaly_map(target, predicted, self.config.features.image_hw, self.config.scoring)
+        return image_score(maps, self.config.scoring), maps, templates
 
 
 # --- probe set and parity -------------------------------------------------------------------------------------
 
 
-def probe_images(image_size: int, normals: torch.Tensor | None = None, count: int = 4, seed: int = 0) -> torch.Tensor:
-    """Normal images plus one synthetic defect drawn onto each (CutPaste, blob or scratch), [2N, 3, S, S].
+def probe_images(
+    image_size: int | tuple[int, int], normals: torch.Tensor | None = None, count: int = 4, seed: int = 0
+) -> torch.Tensor:
+    """Normal images plus one synthetic defect drawn onto each (CutPaste, blob or scratch), [2N, 3, H, W].
 
     Without ``normals`` (a bundle carries no images) smooth random textures stand in for them: parity is a
     property of the arithmetic, and what it must cover is a spread of scores on both sides of a threshold.
@@ -104,10 +107,11 @@ def probe_images(image_size: int, normals: torch.Tensor | None = None, count: in
     from tfanet_core.pseudo_anomalies import synthesize
 
     if normals is None:
+        size = as_hw(image_size)
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.rand(count, 3, 8, 8, generator=generator)
-        fine = 0.1 * torch.rand(count, 3, image_size, image_size, generator=generator)
-        smooth = F.interpolate(coarse, (image_size, image_size), mode="bilinear", align_corners=False)
+        fine = 0.1 * torch.rand(count, 3, *size, generator=generator)
+        smooth = F.interpolate(coarse, size, mode="bilinear", align_corners=False)
         normals = (0.8 * smooth + fine).clamp(0, 1)
     defects = synthesize(normals, normals, per_image=1, seed=seed)
     return torch.cat([normals, defects.images.to(normals.dtype)])
@@ -174,13 +178,21 @@ class ExportedModel:
         self.threads = threads or torch.get_num_threads()
         self._run = _load_runtime(self.directory, self.manifest["format"], self.threads)
 
-    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [N, 3, H, W] in [0, 1] → (scores [N], maps [N, H, W]) as CPU float32 tensors."""
-        score, amap = self._run(np.ascontiguousarray(images.detach().cpu().float().numpy()))
-        return torch.from_numpy(np.asarray(score)), torch.from_numpy(np.asarray(amap))
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images [N, 3, H, W] in [0, 1] → (scores [N], maps [N, H, W], template indices [N, nearest]) on the CPU."""
+        score, amap, templates = self._run(np.ascontiguousarray(images.detach().cpu().float().numpy()))
+        return (
+            torch.from_numpy(np.asarray(score)),
+            torch.from_numpy(np.asarray(amap)),
+            torch.from_numpy(np.asarray(templates)).long(),
+        )
 
 
-def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+OUTPUTS = ("score", "map", "template")
+
+
+def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarray], Outputs]:
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -191,9 +203,9 @@ def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarr
             str(directory / GRAPH_FILES["onnx"][0]), options, providers=["CPUExecutionProvider"]
         )
 
-        def run_onnx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            score, amap = session.run(["score", "map"], {"images": x})
-            return score, amap
+        def run_onnx(x: np.ndarray) -> Outputs:
+            score, amap, templates = session.run(list(OUTPUTS), {"images": x})
+            return score, amap, templates
 
         return run_onnx
     if fmt == "openvino":
@@ -206,9 +218,10 @@ def _load_runtime(directory: Path, fmt: str, threads: int) -> Callable[[np.ndarr
         )
         request = compiled.create_infer_request()
 
-        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def run(x: np.ndarray) -> Outputs:
             out = request.infer({"images": x})
-            return out[compiled.output("score")].copy(), out[compiled.output("map")].copy()
+            score, amap, templates = (out[compiled.output(name)].copy() for name in OUTPUTS)
+            return score, amap, templates
 
         return run
     raise ExportError(f"{directory}: unknown export format {fmt!r} in {MANIFEST_FILE}; known: {sorted(GRAPH_FILES)}")
@@ -242,8 +255,8 @@ def runtime_version(runtime: str) -> str:
     return torch.__version__ if runtime == "torch" else version(runtime)
 
 
-def _write_graph(graph: InferenceGraph, fmt: str, directory: Path, image_size: int) -> None:
-    example = torch.rand(2, 3, image_size, image_size)
+def _write_graph(graph: InferenceGraph, fmt: str, directory: Path, image_size: tuple[int, int]) -> None:
+    example = torch.rand(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     onnx_path = directory / GRAPH_FILES["onnx"][0]
     with torch.no_grad():
@@ -253,7 +266,7 @@ def _write_graph(graph: InferenceGraph, fmt: str, directory: Path, image_size: i
             dynamo=True,
             opset_version=OPSET,
             input_names=["images"],
-            output_names=["score", "map"],
+            output_names=list(OUTPUTS),
             dynamic_shapes={"images": {0: batch}},
             verbose=False,
         )
@@ -286,7 +299,7 @@ def export_bundle(
     if reference.exported is not None or reference.device.type != "cpu":
         raise ValueError("export_bundle needs a torch-runtime CPU predictor as its reference")
     bundle, out = reference.bundle, Path(out)
-    size = bundle.config.features.image_size
+    size = bundle.config.features.image_hw
     backbone = copy.deepcopy(reference.extractor).to(memory_format=torch.contiguous_format)
     graph = InferenceGraph(backbone, bundle.model, bundle.config)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,9 +315,9 @@ def export_bundle(
             "exported_with": {"torch": torch.__version__, "onnx": version("onnx"), "onnxscript": version("onnxscript")},
             "bundle_sha256": bundle_digest(bundle),
             "profile": bundle.config.profile,
-            "image_size": size,
-            "inputs": {"images": ["batch", 3, size, size]},
-            "outputs": {"score": ["batch"], "map": ["batch", size, size]},
+            "image_size": list(size),
+            "inputs": {"images": ["batch", 3, *size]},
+            "outputs": {"score": ["batch"], "map": ["batch", *size], "template": ["batch", bundle.model.nearest]},
             "threshold": reference.threshold,
             "files": {name: sha256_file(tmp / name) for name in GRAPH_FILES[fmt]},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -325,10 +338,14 @@ def export_bundle(
 
 def measure_parity(reference: Predictor, exported: ExportedModel, probes: torch.Tensor, tolerance: float) -> Parity:
     """Score ``probes`` with the torch ``reference`` predictor and with ``exported`` (batch 1, then the rest)."""
-    expected, _ = reference.score_tensors(probes)
-    first, _ = exported.scores(probes[:1])
-    rest, _ = exported.scores(probes[1:])
-    return compare_scores(expected, torch.cat([first, rest]), reference.threshold, tolerance, exported.runtime)
+    expected, _, expected_templates = reference.score_images(probes)
+    first, _, first_templates = exported.scores(probes[:1])
+    rest, _, rest_templates = exported.scores(probes[1:])
+    parity = compare_scores(expected, torch.cat([first, rest]), reference.threshold, tolerance, exported.runtime)
+    moved = int((torch.cat([first_templates, rest_templates]) != expected_templates).any(dim=1).sum())
+    if moved:
+        parity.reasons.append(f"{moved} of {len(probes)} probes are aggregated onto another template than in torch")
+    return parity
 
 
 def verify_export(
@@ -360,7 +377,7 @@ def verify_export(
         exported = ExportedModel(directory)
     except ExportError as exc:
         return refused(str(exc))
-    probes = probe_images(reference.bundle.config.features.image_size, normals)
+    probes = probe_images(reference.bundle.config.features.image_hw, normals)
     return measure_parity(reference, exported, probes, tolerance)
 
 

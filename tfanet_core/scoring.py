@@ -47,8 +47,11 @@ def distance_maps(target: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.
     return euclidean, cosine
 
 
-def anomaly_map(target: torch.Tensor, predicted: torch.Tensor, image_size: int, config: ScoringConfig) -> torch.Tensor:
-    """Dual-mode map (paper Eq. 8) at every scale of ``config.scales``; several scales give their geometric mean.
+def anomaly_map(
+    target: torch.Tensor, predicted: torch.Tensor, image_size: tuple[int, int], config: ScoringConfig
+) -> torch.Tensor:
+    """Dual-mode map (paper Eq. 8) at ``image_size`` (H, W) at every scale of ``config.scales``; several give their
+    geometric mean.
 
     Scale k compares the features average-pooled over k×k positions. A large low-contrast defect whose
     every position still looks like normal texture (magnetic_tile's "uneven") stands out once its
@@ -65,11 +68,11 @@ def anomaly_map(target: torch.Tensor, predicted: torch.Tensor, image_size: int, 
 
 
 def _single_scale_map(
-    target: torch.Tensor, predicted: torch.Tensor, image_size: int, config: ScoringConfig
+    target: torch.Tensor, predicted: torch.Tensor, image_size: tuple[int, int], config: ScoringConfig
 ) -> torch.Tensor:
     """Each distance upsampled to the image and smoothed, then multiplied (paper) or summed (reference script)."""
     euclidean, cosine = distance_maps(target, predicted)
-    size = (image_size, image_size)
+    size = image_size
 
     def upsample_smooth(d: torch.Tensor) -> torch.Tensor:
         d = F.interpolate(d.unsqueeze(1), size, mode="bilinear", align_corners=True).squeeze(1)

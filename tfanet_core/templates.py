@@ -1,10 +1,13 @@
-"""Choosing the one normal image every input is aggregated onto.
+"""Choosing the normal image(s) every input is aggregated onto.
 
 The paper simply takes the first training image. A template far from the typical part (an
 odd pose, a lighting outlier) makes every reconstruction harder, so ``medoid`` picks the image
 whose features are closest to the mean feature map. ``best_of_k`` asks the model instead: short
 training runs, identical except for the template, on k candidates spread over that same
 distance ranking, and the lowest validation loss (held-out *normal* images only) wins. The
+``bank`` keeps k images that cover the training set instead (k-center on pooled features, the
+medoid first), and each input is aggregated onto its nearest ones (``TemplateAggregator.nearest_templates``):
+one template cannot be aligned with every variant or pose a line produces. The
 choice and its evidence go into the bundle; ``tfanet template`` writes them to a JSON file that
 ``tfanet train --template`` reuses, so a pipeline selects once and trains on that choice.
 """
@@ -18,24 +21,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from tfanet_core.config import Config
+from tfanet_core.config import TEMPLATE_STRATEGIES, Config
 from tfanet_core.errors import TfanetError
+from tfanet_core.model import KEY_GRID
 from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model
 
 if TYPE_CHECKING:
     from tfanet_core.data.manifest import Manifest
 
-STRATEGIES = ("first", "medoid", "best_of_k")
+STRATEGIES = TEMPLATE_STRATEGIES
 DEFAULT_K = 4
 DEFAULT_TRIAL_EPOCHS = 5
 
 
 @dataclass
 class TemplateChoice:
+    """The template (``index``) or, for a bank, every template (``bank``, ``index`` first) among the training images."""
+
     index: int
     strategy: str
     evidence: dict[str, object] = field(default_factory=dict)
+    bank: list[int] = field(default_factory=list)
+
+    @property
+    def indices(self) -> list[int]:
+        """The training images whose features the model stores as its templates, in bank order."""
+        return self.bank or [self.index]
 
 
 def select_template(
@@ -44,7 +57,7 @@ def select_template(
     *,
     val_features: torch.Tensor | None = None,
     config: Config | None = None,
-    k: int = DEFAULT_K,
+    k: int | None = None,
     trial_epochs: int = DEFAULT_TRIAL_EPOCHS,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -52,13 +65,18 @@ def select_template(
     """Index into ``features`` [N, C, S, S] (training images, in manifest order) of the template.
 
     ``best_of_k`` also needs ``val_features`` and the ``config`` whose model and optimizer the trials use.
+    ``k`` defaults to the config's ``template.k``.
     """
     if len(features) == 0:
         raise ValueError("no training images to choose a template from")
+    if k is None:
+        k = config.template.k if config is not None else DEFAULT_K
     if strategy == "first":
         return TemplateChoice(0, strategy, {"reason": "first training image (paper)"})
     if strategy == "medoid":
         return _medoid(features)
+    if strategy == "bank":
+        return k_center_bank(features, k)
     if strategy == "best_of_k":
         if config is None or val_features is None or len(val_features) == 0:
             raise ValueError(
@@ -90,6 +108,39 @@ def _medoid(features: torch.Tensor) -> TemplateChoice:
             "max_distance": float(distances.max()),
         },
     )
+
+
+def bank_keys(features: torch.Tensor) -> torch.Tensor:
+    """Per-image keys [N, C·16]: channel-standardized features average-pooled to the model's KEY_GRID layout.
+
+    The same pooling the model searches its bank with; standardized per channel over the training set, so
+    no channel dominates the distance by its scale alone.
+    """
+    mean, std = feature_statistics(features)
+    standardized = (features - mean.view(1, -1, 1, 1)) / std.clamp_min(1e-6).view(1, -1, 1, 1)
+    return F.adaptive_avg_pool2d(standardized, KEY_GRID).flatten(1).double()
+
+
+def k_center_bank(features: torch.Tensor, k: int) -> TemplateChoice:
+    """k training images that cover the set: the medoid, then repeatedly the image farthest from every one kept.
+
+    Greedy k-center (Gonzalez) on :func:`bank_keys`: deterministic, O(N·k), and it covers the rare variants and
+    poses a k-means would merge into their neighbours. ``evidence`` records the cover radius (the largest
+    distance of a training image to its nearest template) so a reader sees what each added template bought.
+    """
+    if k < 1:
+        raise ValueError(f"a template bank needs k >= 1, got {k}")
+    keys = bank_keys(features)
+    first = int(distances_to_mean(features).argmin())
+    chosen = [first]
+    nearest = (keys - keys[first]).pow(2).mean(dim=1)
+    radii = [float(nearest.max())]
+    while len(chosen) < min(k, len(features)):
+        far = int(nearest.argmax())
+        chosen.append(far)
+        nearest = torch.minimum(nearest, (keys - keys[far]).pow(2).mean(dim=1))
+        radii.append(float(nearest.max()))
+    return TemplateChoice(chosen[0], "bank", {"k": k, "templates": len(chosen), "cover_radius": radii}, bank=chosen)
 
 
 def candidates(features: torch.Tensor, k: int) -> list[int]:
@@ -144,7 +195,12 @@ def short_run_trial(
 def choice_record(choice: TemplateChoice, paths: Sequence[Path], manifest: Manifest) -> dict[str, Any]:
     """What ``tfanet template`` writes and the bundle's ``template`` section holds: the image by content."""
     row = manifest.row_for(paths[choice.index])
-    return {"image": row.path, "sha256": row.sha256, **asdict(choice)}
+    record = {"image": row.path, "sha256": row.sha256, **asdict(choice)}
+    if choice.bank:
+        record["bank"] = [
+            {"image": r.path, "sha256": r.sha256} for r in (manifest.row_for(paths[i]) for i in choice.bank)
+        ]
+    return record
 
 
 def write_choice(record: dict[str, Any], out: Path) -> Path:
@@ -160,11 +216,15 @@ def read_choice(path: Path | str, paths: Sequence[Path], sha256s: Sequence[str])
     another image; a template that is no longer a training image is an error.
     """
     record = json.loads(Path(path).read_text())
-    try:
-        index = list(sha256s).index(record["sha256"])
-    except ValueError:
-        raise TfanetError(
-            f"{path}: template image {record.get('image')} (sha256 {record['sha256'][:12]}…) is not among the "
-            f"{len(paths)} training images of this run; rerun `tfanet template` on this dataset version"
-        ) from None
-    return TemplateChoice(index, record["strategy"], dict(record.get("evidence", {})))
+    images = record.get("bank") or [{"image": record.get("image"), "sha256": record["sha256"]}]
+    bank = []
+    for image in images:
+        try:
+            bank.append(list(sha256s).index(image["sha256"]))
+        except ValueError:
+            raise TfanetError(
+                f"{path}: template image {image.get('image')} (sha256 {image['sha256'][:12]}…) is not among the "
+                f"{len(paths)} training images of this run; rerun `tfanet template` on this dataset version"
+            ) from None
+    evidence = dict(record.get("evidence", {}))
+    return TemplateChoice(bank[0], record["strategy"], evidence, bank=bank if record.get("bank") else [])

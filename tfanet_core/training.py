@@ -36,27 +36,36 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def build_model(config: Config, in_channels: int, seed: int | None = None) -> TemplateAggregator:
-    """A freshly initialized TFA-Net, seeded so that the same config always starts from the same weights."""
+def build_model(config: Config, in_channels: int, seed: int | None = None, templates: int = 1) -> TemplateAggregator:
+    """A freshly initialized TFA-Net, seeded so that the same config always starts from the same weights.
+
+    ``templates`` is the size of its template bank; a bank blends ``template.nearest`` of them (never more
+    than it holds), a single template is used alone.
+    """
+    nearest = min(config.template.nearest, templates) if config.template.strategy == "bank" else 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed if seed is None else seed)
-        return TemplateAggregator(config.model, in_channels, config.features.feature_size)
+        return TemplateAggregator(
+            config.model, in_channels, config.features.feature_hw, templates=templates, nearest=nearest
+        )
 
 
 def prepared_model(
     config: Config,
     train_features: torch.Tensor,
-    template_index: int,
+    templates: int | list[int],
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TemplateAggregator:
-    """A fresh TFA-Net ready to fit: standardization statistics (when configured) and template set.
+    """A fresh TFA-Net ready to fit: standardization statistics (when configured) and template(s) set.
 
+    ``templates`` indexes the training images used as the template (an int) or as the template bank (a list).
     ``stats`` saves recomputing the statistics when many models share one training set (template trials).
     """
-    model = build_model(config, train_features.shape[1])
+    indices = [templates] if isinstance(templates, int) else list(templates)
+    model = build_model(config, train_features.shape[1], templates=len(indices))
     if config.features.standardize:
         model.set_feature_stats(*(stats if stats is not None else feature_statistics(train_features)))
-    model.set_template(train_features[template_index])
+    model.set_template(train_features[indices])
     return model
 
 

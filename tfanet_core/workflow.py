@@ -22,6 +22,7 @@ from tfanet_core.data.images import DataError
 from tfanet_core.data.manifest import Manifest, build_manifest
 from tfanet_core.fader import fit_fader
 from tfanet_core.features import FeatureExtractor, extract_features
+from tfanet_core.geometry import resolve_geometry
 from tfanet_core.predictor import Predictor, default_device
 from tfanet_core.pseudo_anomalies import separation_selector
 from tfanet_core.templates import TemplateChoice, choice_record, read_choice, select_template
@@ -90,6 +91,7 @@ def template_record(
     **trials: int,
 ) -> dict[str, Any]:
     """``tfanet template``: the template choice among the manifest's training images, with its evidence."""
+    config = resolve_geometry(config, manifest)
     extractor = FeatureExtractor(config.features)
     features = split_features(manifest, extractor, device=device, progress=progress, cache_dir=cache_dir)
     choice = _choose(features, config, device, progress, **trials)
@@ -125,14 +127,16 @@ def train_manifest(
     """Fit TFA-Net on the manifest's train rows and write the bundle to ``out``.
 
     ``template_file`` (from ``tfanet template``) fixes the template instead of choosing it here.
-    ``calibrate=False`` leaves the thresholds to a later calibration step (the chain calibrates
-    once, after evaluation); ``tfanet train`` calibrates here, on the manifest's val rows.
+    A native geometry (``features.geometry``) is resolved here from the manifest's training images and
+    stored, resolved, in the bundle's config. ``calibrate=False`` leaves the thresholds to a later calibration
+    step (the chain calibrates once, after evaluation); ``tfanet train`` calibrates here, on the manifest's val rows.
     """
     device = torch.device(device) if device is not None else default_device()
+    config = resolve_geometry(config, manifest)
     extractor = FeatureExtractor(config.features)
     features = split_features(manifest, extractor, device=device, progress=progress, cache_dir=cache_dir)
     choice = _template(features, config, template_file, manifest, device, progress)
-    model = prepared_model(config, features.train, choice.index)
+    model = prepared_model(config, features.train, choice.indices)
     selector = None
     if config.train.selection == "synthetic":
         selector = separation_selector(

@@ -197,6 +197,7 @@ def build_response(prediction: Prediction, product: str, model_version: str, ret
         "score": prediction.score,
         "threshold": prediction.threshold,
         "is_anomalous": prediction.is_anomalous,
+        "templates": prediction.templates,  # the training image(s) it was aggregated onto, nearest first
     }
     if return_map:
         if prediction.anomaly_map is None:

@@ -269,8 +269,8 @@ def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int]) -> torch.Tenso
     return torch.from_numpy(mask_to_array(mask, size))
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB image → float32 tensor [3, size, size] in [0, 1], bilinear with antialiasing.
+def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """RGB image → float32 tensor [3, H, W] in [0, 1] (``size``: int → square, or (H, W)), bilinear with antialiasing.
 
     Not normalized on purpose: the normalization belongs to the backbone weights
     (ImageNet mean/std for WRN50, 0.5/0.5 for EfficientNet-Lite) and is applied by the
@@ -278,6 +278,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """
     arr = np.asarray(to_rgb(img), dtype=np.uint8)
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if x.shape[-2:] != hw:
+        x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
     return x.squeeze(0).clamp_(0.0, 1.0)

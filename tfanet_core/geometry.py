@@ -1,0 +1,51 @@
+"""A product's input geometry: the [H, W] its images are resized to, chosen once from its training images.
+
+Factory cameras are rarely square, and squashing a 2.5:1 part into a square halves a thin crack's height
+before the backbone sees it. With ``features.geometry: native`` the product keeps its training images'
+median aspect ratio at the pixel budget of ``features.image_size`` (so it costs what the square costs),
+with both sides rounded to a whole number of *units*: the image pixels behind one transformer token
+(image/feature ratio × patch size), so the feature map stays a whole token grid. The resolved [H, W] is
+written into the config the bundle stores; training, evaluation, the feature cache key, the exported graph
+and the servers all read it from there, and a resolved config resolves to itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from statistics import median
+
+from tfanet_core.config import Config
+from tfanet_core.data.manifest import Manifest
+from tfanet_core.errors import ConfigError
+
+
+def native_size(sizes: Iterable[tuple[int, int]], budget: int, unit: int) -> tuple[int, int]:
+    """(H, W), multiples of ``unit``, with the median width/height ratio of ``sizes`` ((width, height) pairs)
+    and about ``budget`` pixels."""
+    ratios = [w / h for w, h in sizes if w > 0 and h > 0]
+    if not ratios:
+        raise ConfigError("features.geometry=native needs training images to take the aspect ratio from")
+    aspect = median(ratios)
+    height = max(unit, round(math.sqrt(budget / aspect) / unit) * unit)
+    width = max(unit, round(math.sqrt(budget * aspect) / unit) * unit)
+    return height, width
+
+
+def resolve_geometry(config: Config, manifest: Manifest) -> Config:
+    """``config`` with its native geometry decided from the manifest's training images (unchanged otherwise).
+
+    Only an unresolved native config (an int ``image_size``: the budget's side) is resolved, so calling this on
+    a bundle's config, or twice, changes nothing.
+    """
+    f = config.features
+    if f.geometry != "native" or not isinstance(f.image_size, int):
+        return config
+    if not isinstance(f.feature_size, int):
+        raise ConfigError("features.geometry=native takes an int image_size and feature_size (a square budget)")
+    ratio = f.image_size // f.feature_size
+    sizes = [(row.width, row.height) for row in manifest.rows if row.split == "train"]
+    height, width = native_size(sizes, f.image_size**2, ratio * config.model.patch_size)
+    features = dataclasses.replace(f, image_size=[height, width], feature_size=[height // ratio, width // ratio])
+    return dataclasses.replace(config, features=features)
