@@ -28,9 +28,11 @@ def native_size(sizes: Iterable[tuple[int, int]], budget: int, unit: int) -> tup
     if not ratios:
         raise ConfigError("features.geometry=native needs training images to take the aspect ratio from")
     aspect = median(ratios)
-    height = max(unit, round(math.sqrt(budget / aspect) / unit) * unit)
-    width = max(unit, round(math.sqrt(budget * aspect) / unit) * unit)
-    return height, width
+    # The short side first (at least one unit), then the long side from the budget that is left: an extreme
+    # aspect ratio keeps its pixel budget instead of growing past it.
+    short = max(unit, round(math.sqrt(budget / max(aspect, 1 / aspect)) / unit) * unit)
+    long = max(unit, round(budget / short / unit) * unit)
+    return (short, long) if aspect >= 1 else (long, short)
 
 
 def resolve_geometry(config: Config, manifest: Manifest) -> Config:
