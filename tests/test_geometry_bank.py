@@ -8,7 +8,6 @@ round trip, an exported runtime, the CLI and (``-m server``) a real TorchServe.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from tfanet_core.features import FeatureExtractor, cache_namespace
 from tfanet_core.geometry import native_size, resolve_geometry
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.predictor import Predictor
-from tfanet_core.templates import k_center_bank, select_template
+from tfanet_core.templates import TemplateChoice, auto_choice, k_center_bank, select_template
 from tfanet_core.training import prepared_model
 
 STRIP = (slice(32, 96), slice(0, 128))  # rows, cols of a 128×128 synthetic image: a 64×128 strip
@@ -168,13 +167,46 @@ def test_a_bank_model_never_reconstructs_a_training_image_from_itself() -> None:
     # a byte-identical copy of a template is that template too (the feature cache rounds to float16)
     copies = features[:2].half().float()
     assert (model.nearest_templates(model.standardize(copies))[:, 0] != torch.tensor([0, 1])).all()
-    # a blend of the 3 nearest skips itself as well; a bank of one is the paper's template, used by all
-    blend_config = load_config("tiny", ["template.strategy=bank", "template.k=3", "template.nearest=3"])
-    blend = prepared_model(dataclasses.replace(blend_config, features=config.features), features, [0])
-    assert blend.nearest == 1 and (blend.nearest_templates(features) == 0).all()
+    # a bank of one is the paper's template, used by every image; a blend never takes the whole bank
+    single = prepared_model(config, features, [0])
+    assert single.nearest == 1 and (single.nearest_templates(features) == 0).all()
+    assert k_center_bank(features, 3, nearest=8).nearest == 2
+    # a blend of the 3 nearest skips itself as well
     model.nearest = 3
     three = model.nearest_templates(model.standardize(features))
     assert three.shape == (12, 3) and not (three == torch.arange(12).unsqueeze(1)).any()
+
+
+def test_auto_keeps_the_candidate_that_finds_synthetic_defects_best() -> None:
+    features = _bank_features()
+    signals = {(1, 1): 0.80, (3, 1): 0.91, (3, 2): 0.91}  # (templates, nearest): single, nearest, blend of 2
+
+    def trial(choice: TemplateChoice) -> float:
+        return signals[(len(choice.indices), choice.nearest)]
+
+    choice = auto_choice(features, trial, k=3, nearest=2, trial_epochs=4)
+    # "nearest" and "blend of 2" tie at 0.91: the simpler one (listed first) wins
+    assert choice.strategy == "auto" and choice.evidence["chosen"] == "nearest"
+    assert len(choice.bank) == 3 and choice.nearest == 1
+    auto = choice.evidence["auto"]
+    assert isinstance(auto, dict) and auto["candidates"] == {"single": 0.80, "nearest": 0.91, "blend of 2": 0.91}
+
+
+def test_auto_trains_its_winner_and_the_bundle_records_why(synth_root: Path, tmp_path: Path) -> None:
+    from tfanet_core.workflow import train_category
+
+    config = load_config(
+        "tiny",
+        ["template.strategy=auto", "template.k=3", "template.nearest=2", "train.epochs=2", "train.selection=last"],
+    )
+    bundle = train_category(synth_root, "fabric", config, tmp_path / "auto", device="cpu", progress=False)
+    evidence = bundle.template["evidence"]
+    signals = evidence["auto"]["candidates"]
+    assert set(signals) == {"single", "nearest", "blend of 2"} and all(0.0 <= v <= 1.0 for v in signals.values())
+    assert evidence["chosen"] == max(signals, key=lambda name: signals[name])
+    shape = {"single": (1, 1), "nearest": (3, 1), "blend of 2": (3, 2)}[evidence["chosen"]]
+    assert (bundle.model.templates, bundle.model.nearest) == shape
+    assert (load_bundle(tmp_path / "auto").model.templates, load_bundle(tmp_path / "auto").model.nearest) == shape
 
 
 def test_bank_choices_are_deterministic_and_named_in_every_prediction(

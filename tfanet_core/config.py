@@ -96,9 +96,9 @@ class TrainConfig:
 
 @dataclass
 class TemplateConfig:
-    strategy: str = "first"  # first | medoid | best_of_k | bank (tfanet_core/templates.py)
-    k: int = 4  # bank: templates kept (k-center cover of the training images); best_of_k: candidates tried
-    nearest: int = 1  # bank: each image is aggregated onto the mean of its `nearest` templates (1: the nearest)
+    strategy: str = "first"  # first | medoid | best_of_k | bank | auto (tfanet_core/templates.py)
+    k: int = 4  # bank, auto: templates kept (k-center cover of the training images); best_of_k: candidates
+    nearest: int = 1  # bank: each image is aggregated onto the mean of its `nearest` templates; auto: the blend tried
 
 
 @dataclass
@@ -155,7 +155,7 @@ SCORING_MAPS = ("product", "sum")
 IMAGE_SCORES = ("std", "max", "topk")
 SELECTIONS = ("last", "val_loss", "synthetic")
 GEOMETRIES = ("fixed", "native")
-TEMPLATE_STRATEGIES = ("first", "medoid", "best_of_k", "bank")
+TEMPLATE_STRATEGIES = ("first", "medoid", "best_of_k", "bank", "auto")
 
 
 def _raw_profiles() -> dict[str, dict[str, Any]]:

@@ -7,7 +7,9 @@ training runs, identical except for the template, on k candidates spread over th
 distance ranking, and the lowest validation loss (held-out *normal* images only) wins. The
 ``bank`` keeps k images that cover the training set instead (k-center on pooled features, the
 medoid first), and each input is aggregated onto its nearest ones (``TemplateAggregator.nearest_templates``):
-one template cannot be aligned with every variant or pose a line produces. The
+one template cannot be aligned with every variant or pose a line produces. ``auto`` lets the product decide
+between one template, the nearest of a bank and a blend of the nearest few, by short runs judged on
+synthetic defects drawn onto held-out normals (no test label). The
 choice and its evidence go into the bundle; ``tfanet template`` writes them to a JSON file that
 ``tfanet train --template`` reuses, so a pipeline selects once and trains on that choice.
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from tfanet_core.config import TEMPLATE_STRATEGIES, Config
 from tfanet_core.errors import TfanetError
-from tfanet_core.model import KEY_GRID
+from tfanet_core.model import KEY_GRID, TemplateAggregator
 from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ class TemplateChoice:
     strategy: str
     evidence: dict[str, object] = field(default_factory=dict)
     bank: list[int] = field(default_factory=list)
+    nearest: int = 1  # bank entries blended per image (1: the nearest one)
 
     @property
     def indices(self) -> list[int]:
@@ -61,10 +64,12 @@ def select_template(
     trial_epochs: int = DEFAULT_TRIAL_EPOCHS,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    selector: Callable[[TemplateAggregator], dict[str, float]] | None = None,
 ) -> TemplateChoice:
-    """Index into ``features`` [N, C, S, S] (training images, in manifest order) of the template.
+    """The template(s) among ``features`` [N, C, h, w] (training images, in manifest order).
 
-    ``best_of_k`` also needs ``val_features`` and the ``config`` whose model and optimizer the trials use.
+    ``best_of_k`` also needs ``val_features`` and the ``config`` whose model and optimizer the trials use;
+    ``auto`` needs the config and the pseudo-anomaly ``selector`` its trials are judged by.
     ``k`` defaults to the config's ``template.k``.
     """
     if len(features) == 0:
@@ -75,8 +80,14 @@ def select_template(
         return TemplateChoice(0, strategy, {"reason": "first training image (paper)"})
     if strategy == "medoid":
         return _medoid(features)
+    nearest = config.template.nearest if config is not None else 1
     if strategy == "bank":
-        return k_center_bank(features, k)
+        return k_center_bank(features, k, nearest)
+    if strategy == "auto":
+        if config is None or selector is None:
+            raise ValueError("template strategy auto needs the training config and a pseudo-anomaly selector")
+        trial = synthetic_trial(features, val_features, config, selector, trial_epochs, device, progress)
+        return auto_choice(features, trial, k, nearest, trial_epochs)
     if strategy == "best_of_k":
         if config is None or val_features is None or len(val_features) == 0:
             raise ValueError(
@@ -121,26 +132,52 @@ def bank_keys(features: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(standardized, KEY_GRID).flatten(1).double()
 
 
-def k_center_bank(features: torch.Tensor, k: int) -> TemplateChoice:
+def k_center_bank(features: torch.Tensor, k: int, nearest: int = 1) -> TemplateChoice:
     """k training images that cover the set: the medoid, then repeatedly the image farthest from every one kept.
 
     Greedy k-center (Gonzalez) on :func:`bank_keys`: deterministic, O(N·k), and it covers the rare variants and
     poses a k-means would merge into their neighbours. ``evidence`` records the cover radius (the largest
     distance of a training image to its nearest template) so a reader sees what each added template bought.
+    ``nearest`` (how many entries an image blends) stays below the bank's size, so that an image in the bank
+    always has others to be aggregated onto.
     """
     if k < 1:
         raise ValueError(f"a template bank needs k >= 1, got {k}")
     keys = bank_keys(features)
     first = int(distances_to_mean(features).argmin())
     chosen = [first]
-    nearest = (keys - keys[first]).pow(2).mean(dim=1)
-    radii = [float(nearest.max())]
+    gap = (keys - keys[first]).pow(2).mean(dim=1)  # each image's distance to its nearest template so far
+    radii = [float(gap.max())]
     while len(chosen) < min(k, len(features)):
-        far = int(nearest.argmax())
+        far = int(gap.argmax())
         chosen.append(far)
-        nearest = torch.minimum(nearest, (keys - keys[far]).pow(2).mean(dim=1))
-        radii.append(float(nearest.max()))
-    return TemplateChoice(chosen[0], "bank", {"k": k, "templates": len(chosen), "cover_radius": radii}, bank=chosen)
+        gap = torch.minimum(gap, (keys - keys[far]).pow(2).mean(dim=1))
+        radii.append(float(gap.max()))
+    evidence: dict[str, object] = {"k": k, "templates": len(chosen), "cover_radius": radii}
+    return TemplateChoice(chosen[0], "bank", evidence, bank=chosen, nearest=max(1, min(nearest, len(chosen) - 1)))
+
+
+def auto_choice(
+    features: torch.Tensor, trial: Callable[[TemplateChoice], float], k: int, nearest: int, trial_epochs: int
+) -> TemplateChoice:
+    """One template, the nearest of a k-center bank, or a blend of the ``nearest`` nearest: whichever short run
+    finds synthetic defects on held-out normals best (``trial``: its best pseudo-anomaly pixel AUROC).
+
+    Label-free, like the checkpoint choice: defects drawn onto held-out normal images stand in for real
+    ones. Ties go to the simpler candidate (listed first). Every candidate's signal is evidence.
+    """
+    options = {"single": _medoid(features), "nearest": k_center_bank(features, k)}
+    if nearest > 1:
+        options[f"blend of {nearest}"] = k_center_bank(features, k, nearest)
+    signals = {name: float(trial(choice)) for name, choice in options.items()}
+    winner = max(signals, key=lambda name: signals[name])  # the first of equals: dicts keep insertion order
+    chosen = options[winner]
+    evidence = {
+        **chosen.evidence,
+        "auto": {"signal": "synthetic_pixel_auroc", "trial_epochs": trial_epochs, "candidates": signals},
+        "chosen": winner,
+    }
+    return replace(chosen, strategy="auto", evidence=evidence)
 
 
 def candidates(features: torch.Tensor, k: int) -> list[int]:
@@ -167,6 +204,27 @@ def best_of_k(features: torch.Tensor, trial: Callable[[int], float], k: int = DE
     return TemplateChoice(
         int(winner["index"]), "best_of_k", {"k": k, "candidates": rows, "val_loss": winner["val_loss"]}
     )
+
+
+def synthetic_trial(
+    features: torch.Tensor,
+    val_features: torch.Tensor | None,
+    config: Config,
+    selector: Callable[[TemplateAggregator], dict[str, float]],
+    epochs: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Callable[[TemplateChoice], float]:
+    """Best pseudo-anomaly pixel AUROC within ``epochs`` of training on a template choice; same seed for all."""
+    train_config = replace(config.train, epochs=epochs, selection="synthetic", patience=0, checkpoint_every=epochs)
+    stats = feature_statistics(features) if config.features.standardize else None
+
+    def trial(choice: TemplateChoice) -> float:
+        model = prepared_model(config, features, choice.indices, stats, nearest=choice.nearest)
+        result = fit(model, features, train_config, val_features, device=device, progress=progress, selector=selector)
+        return max(h["synthetic_pixel_auroc"] for h in result.history)
+
+    return trial
 
 
 def short_run_trial(
@@ -217,14 +275,15 @@ def read_choice(path: Path | str, paths: Sequence[Path], sha256s: Sequence[str])
     """
     record = json.loads(Path(path).read_text())
     images = record.get("bank") or [{"image": record.get("image"), "sha256": record["sha256"]}]
-    bank = []
+    found = []
     for image in images:
         try:
-            bank.append(list(sha256s).index(image["sha256"]))
+            found.append(list(sha256s).index(image["sha256"]))
         except ValueError:
             raise TfanetError(
                 f"{path}: template image {image.get('image')} (sha256 {image['sha256'][:12]}…) is not among the "
                 f"{len(paths)} training images of this run; rerun `tfanet template` on this dataset version"
             ) from None
     evidence = dict(record.get("evidence", {}))
-    return TemplateChoice(bank[0], record["strategy"], evidence, bank=bank if record.get("bank") else [])
+    bank = found if record.get("bank") else []
+    return TemplateChoice(found[0], record["strategy"], evidence, bank=bank, nearest=int(record.get("nearest", 1)))

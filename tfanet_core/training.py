@@ -36,13 +36,13 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def build_model(config: Config, in_channels: int, seed: int | None = None, templates: int = 1) -> TemplateAggregator:
+def build_model(
+    config: Config, in_channels: int, seed: int | None = None, templates: int = 1, nearest: int = 1
+) -> TemplateAggregator:
     """A freshly initialized TFA-Net, seeded so that the same config always starts from the same weights.
 
-    ``templates`` is the size of its template bank; a bank blends ``template.nearest`` of them (never more
-    than it holds), a single template is used alone.
+    ``templates`` is the size of its template bank, ``nearest`` how many of them each image blends.
     """
-    nearest = min(config.template.nearest, templates) if config.template.strategy == "bank" else 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed if seed is None else seed)
         return TemplateAggregator(
@@ -55,14 +55,16 @@ def prepared_model(
     train_features: torch.Tensor,
     templates: int | list[int],
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nearest: int = 1,
 ) -> TemplateAggregator:
     """A fresh TFA-Net ready to fit: standardization statistics (when configured) and template(s) set.
 
-    ``templates`` indexes the training images used as the template (an int) or as the template bank (a list).
+    ``templates`` indexes the training images used as the template (an int) or as the template bank (a list,
+    of which each image blends its ``nearest``: ``TemplateChoice.indices`` and ``.nearest``).
     ``stats`` saves recomputing the statistics when many models share one training set (template trials).
     """
     indices = [templates] if isinstance(templates, int) else list(templates)
-    model = build_model(config, train_features.shape[1], templates=len(indices))
+    model = build_model(config, train_features.shape[1], templates=len(indices), nearest=nearest)
     if config.features.standardize:
         model.set_feature_stats(*(stats if stats is not None else feature_statistics(train_features)))
     model.set_template(train_features[indices])

@@ -9,6 +9,7 @@ bare folder the manifest is built in memory with the same rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tfanet_core.data.manifest import Manifest, build_manifest
 from tfanet_core.fader import fit_fader
 from tfanet_core.features import FeatureExtractor, extract_features
 from tfanet_core.geometry import resolve_geometry
+from tfanet_core.model import TemplateAggregator
 from tfanet_core.predictor import Predictor, default_device
 from tfanet_core.pseudo_anomalies import separation_selector
 from tfanet_core.templates import TemplateChoice, choice_record, read_choice, select_template
@@ -94,7 +96,7 @@ def template_record(
     config = resolve_geometry(config, manifest)
     extractor = FeatureExtractor(config.features)
     features = split_features(manifest, extractor, device=device, progress=progress, cache_dir=cache_dir)
-    choice = _choose(features, config, device, progress, **trials)
+    choice = _choose(features, config, device, progress, _selector(features, extractor, config, device), **trials)
     record = choice_record(choice, features.train_paths, manifest)
     record["n_train"] = len(features.train_paths)
     record["backbone"] = extractor.describe()
@@ -135,13 +137,11 @@ def train_manifest(
     config = resolve_geometry(config, manifest)
     extractor = FeatureExtractor(config.features)
     features = split_features(manifest, extractor, device=device, progress=progress, cache_dir=cache_dir)
-    choice = _template(features, config, template_file, manifest, device, progress)
-    model = prepared_model(config, features.train, choice.indices)
-    selector = None
-    if config.train.selection == "synthetic":
-        selector = separation_selector(
-            extractor, features.val_paths, features.train_paths, features.val, config, device
-        )
+    selector = _selector(features, extractor, config, device)
+    choice = _template(features, config, template_file, manifest, device, progress, selector)
+    model = prepared_model(config, features.train, choice.indices, nearest=choice.nearest)
+    if config.train.selection != "synthetic":
+        selector = None
     result = fit(model, features.train, config.train, features.val, checkpoint_dir, device, progress, selector=selector)
     training: dict[str, Any] = {
         "history": result.history,
@@ -177,17 +177,36 @@ def _template(
     manifest: Manifest,
     device: torch.device,
     progress: bool,
+    selector: Selector | None,
 ) -> TemplateChoice:
     if template_file is not None:
         sha256s = [manifest.row_for(p).sha256 for p in features.train_paths]
         return read_choice(template_file, features.train_paths, sha256s)
-    return _choose(features, config, device, progress)
+    return _choose(features, config, device, progress, selector)
+
+
+Selector = Callable[[TemplateAggregator], dict[str, float]]
+
+
+def _selector(
+    features: SplitFeatures, extractor: FeatureExtractor, config: Config, device: torch.device | str
+) -> Selector | None:
+    """The pseudo-anomaly check (synthetic defects on the val normals) where checkpoint or template choice uses it."""
+    if config.train.selection != "synthetic" and config.template.strategy != "auto":
+        return None
+    return separation_selector(extractor, features.val_paths, features.train_paths, features.val, config, device)
 
 
 def _choose(
-    features: SplitFeatures, config: Config, device: torch.device | str, progress: bool, **trials: int
+    features: SplitFeatures,
+    config: Config,
+    device: torch.device | str,
+    progress: bool,
+    selector: Selector | None,
+    **trials: int,
 ) -> TemplateChoice:
-    """The configured strategy over the training features (``best_of_k`` trials score on the val features)."""
+    """The configured strategy over the training features (``best_of_k`` trials score on the val features,
+    ``auto`` trials on synthetic defects drawn onto them)."""
     return select_template(
         features.train,
         config.template.strategy,
@@ -195,6 +214,7 @@ def _choose(
         config=config,
         device=device,
         progress=progress,
+        selector=selector,
         **trials,
     )
 
