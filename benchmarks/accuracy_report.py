@@ -219,7 +219,7 @@ def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
     base = {r["category"]: r for r in rows if r["group"] == "ablation" and r["variant"] == "base"}
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["group"] not in ("main", "baseline", "ablation", "fader"):
+        if r["group"] not in ("main", "baseline", "ablation", "fader", "fader_sweep", *ROUND2_GROUPS):
             groups[r["group"]].append(r)
     cats = sorted(base)
     out = [
@@ -264,6 +264,89 @@ def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"| {group} | {variant} | " + " | ".join(cells(by_cat)) + f" | {deltas(by_cat, 'image_auroc')} | "
                 f"{deltas(by_cat, 'pixel_auroc')} | {minutes(by_cat)} | {_load(list(by_cat.values()))} |"
             )
+    return out
+
+
+ROUND2_GROUPS = ("geometry", "bank", "baseline_native", "auto")
+CATEGORIES = tuple(PEERS)
+
+
+def best_peer(rows: list[dict[str, Any]], category: str) -> tuple[float | None, float | None]:
+    """The best image and pixel AUROC among the quoted peers and this harness's square kNN row."""
+    knn = [_baseline_metrics(r) for r in _of(rows, "baseline", category, "knn")]
+    values = [*PEERS[category].values(), *((m["image_auroc"], m["pixel_auroc"], m["aupro"]) for m in knn)]
+    image = max((v[0] for v in values if v[0] is not None), default=None)
+    pixel = max((v[1] for v in values if v[1] is not None), default=None)
+    return image, pixel
+
+
+def round2_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue #21: geometry, template bank, and the network-free methods at the native geometry, per category.
+
+    Each cell is image / pixel AUROC (mean ± half-range over seeds where there are several); the last two
+    columns are the mean over the three categories of the difference to the best peer.
+    """
+    head = " | ".join(f"{c} img / pix" for c in CATEGORIES)
+    out = [f"| group | variant | {head} | Δ img vs best peer | Δ pix vs best peer | train min |", "|---|---|"]
+    out[1] += "---|" * (len(CATEGORIES) + 3)
+    peers = {c: best_peer(rows, c) for c in CATEGORIES}
+    out.append(
+        "| peers | best peer | "
+        + " | ".join(f"{_f(peers[c][0])} / {_f(peers[c][1])}" for c in CATEGORIES)
+        + " | – | – | – |"
+    )
+    variants: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["group"] in ROUND2_GROUPS or (r["group"] == "main" and r["dataset"] == "real"):
+            variants[(r["group"], r["variant"])][r["category"]].append(r)
+    for (group, variant), by_cat in variants.items():
+        cells, d_img, d_pix, minutes = [], [], [], []
+        for c in CATEGORIES:
+            ms = [_baseline_metrics(r) for r in by_cat.get(c, [])]
+            if not ms:
+                cells.append("–")
+                continue
+            img = mean(m["image_auroc"] for m in ms)
+            pix_values = [m["pixel_auroc"] for m in ms if m["pixel_auroc"] is not None]
+            cells.append(f"{_agg([m['image_auroc'] for m in ms])} / {_agg(pix_values)}")
+            if peers[c][0] is not None:
+                d_img.append(img - peers[c][0])
+            if peers[c][1] is not None and pix_values:
+                d_pix.append(mean(pix_values) - peers[c][1])
+            minutes += [r["train_minutes"] for r in by_cat[c] if r.get("train_minutes") is not None]
+        complete = len(d_img) == len(CATEGORIES)
+        name = "**TFA-Net `cpu` profile**" if group == "main" else variant
+        out.append(
+            f"| {group} | {name} | "
+            + " | ".join(cells)
+            + f" | {f'{mean(d_img):+.3f}' if complete else '–'} | {f'{mean(d_pix):+.3f}' if d_pix else '–'} | "
+            + f"{_agg(minutes, 1) if minutes else '–'} |"
+        )
+    return out
+
+
+def fader_sweep_table(rows: list[dict[str, Any]]) -> list[str]:
+    """FADeR's threshold × temperature on one trained model per category, beside 'off'; and what its mask does."""
+    sweep = [r for r in rows if r["group"] == "fader_sweep"]
+    if not sweep:
+        return ["(not run yet)"]
+    names = [k for k in sweep[0]["metrics"] if k.startswith("fader ")]
+    out = [
+        "| setting | " + " | ".join(f"{r['category']} img / pix" for r in sweep) + " | mask on defect tokens | "
+        "mask on other tokens |",
+        "|---|" + "---|" * (len(sweep) + 2),
+    ]
+    for name in ["fader_off", *names]:
+        cells = [f"{_f(r['metrics'][name]['image_auroc'])} / {_f(r['metrics'][name]['pixel_auroc'])}" for r in sweep]
+        masks = [r.get("fader_masks", {}).get(name.removeprefix("fader "), {}) for r in sweep]
+        defect = [m["defect_tokens"] for m in masks if "defect_tokens" in m]
+        normal = [m["normal_tokens"] for m in masks if "normal_tokens" in m]
+        label = "off" if name == "fader_off" else name.removeprefix("fader ")
+        out.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {_f(mean(defect)) if defect else '–'} | {_f(mean(normal)) if normal else '–'} |"
+        )
     return out
 
 
@@ -312,6 +395,12 @@ def write_report(runs: Path, out: Path, notes: Path | None = None) -> str:
             *main_table(rows),
             "\n### Gap to the best peer (positive = TFA-Net better)\n",
             *gap_table(rows),
+            "\n## Round 2 (issue #21): input geometry, template bank, and the network-free methods at the native "
+            "geometry (seed 0 unless a ± shows several)\n",
+            *round2_table(rows),
+            "\n### FADeR swept (issue #21): one trained model per category (native geometry, 10 epochs, val-loss "
+            "selection), its mask's threshold and temperature varied; mask means over test tokens\n",
+            *fader_sweep_table(rows),
             "\n### Candidates: alternatives run like the main rows (full schedule, the same seeds)\n",
             *candidate_table(rows),
             "\n## Scoring ablation (the main rows' trained models re-scored; mean over their seeds)\n",

@@ -22,7 +22,7 @@ from tfanet_core.bundle import load_bundle
 from tfanet_core.config import load_config
 from tfanet_core.data.manifest import build_manifest
 from tfanet_core.features import FeatureExtractor, cache_namespace
-from tfanet_core.geometry import native_size, resolve_geometry
+from tfanet_core.geometry import aspect_summary, native_size, resolve_geometry
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.predictor import Predictor
 from tfanet_core.templates import TemplateChoice, auto_choice, k_center_bank, select_template
@@ -74,6 +74,10 @@ def test_native_size_keeps_the_median_aspect_at_the_pixel_budget_in_whole_units(
     assert native_size([(4000, 10)], 256**2, 32) == (32, 2048)  # at least a unit a side, the budget kept
     # the median, not the mean: one odd crop does not move the product's geometry
     assert native_size([(200, 100)] * 4 + [(100, 1000)], 128**2, 16) == native_size([(200, 100)], 128**2, 16)
+    # crops of many sizes in both orientations share no aspect ratio: the square distorts them alike
+    mixed = [(100, 170), (120, 170), (150, 170), (170, 150), (170, 110), (170, 100)]
+    assert not aspect_summary(mixed)["shared"] and native_size(mixed, 256**2, 32) == (256, 256)
+    assert aspect_summary([(500, 1250), (510, 1260)])["shared"]
 
 
 def test_resolving_a_native_geometry_uses_the_training_images_and_is_idempotent(strip_root: Path) -> None:
@@ -106,6 +110,7 @@ def test_a_non_square_product_trains_predicts_and_round_trips(
 ) -> None:
     bundle = load_bundle(strip_bundle)
     assert bundle.config.features.image_size == [96, 176] and bundle.model.feature_size == (12, 22)
+    assert bundle.dataset["aspect_ratios"]["median"] == 2.0 and bundle.dataset["aspect_ratios"]["shared"]
     assert bundle.model.grid == (6, 11) and bundle.model.num_patches == 66
     predictor = Predictor(bundle, device="cpu")
     images = _strip_images(strip_root)

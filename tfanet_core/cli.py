@@ -317,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--out", type=Path, required=True, help="JSON file to write (tfanet train --template reads it)")
     _add_config_args(p)
-    p.add_argument("--strategy", default=None, help="first | medoid | best_of_k (default: the profile's)")
-    p.add_argument("--k", type=int, default=None, help="best_of_k: number of candidates (default: 4)")
-    p.add_argument("--trial-epochs", type=int, default=None, help="best_of_k: epochs per trial (default: 5)")
+    p.add_argument("--strategy", default=None, help="first | medoid | best_of_k | bank | auto (default: the profile's)")
+    p.add_argument(
+        "--k", type=int, default=None, help="best_of_k: candidates; bank, auto: templates kept (default: template.k)"
+    )
+    p.add_argument("--trial-epochs", type=int, default=None, help="best_of_k, auto: epochs per trial (default: 5)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default as for train; 'off' disables it)")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -23,7 +23,7 @@ from tfanet_core.data.images import DataError
 from tfanet_core.data.manifest import Manifest, build_manifest
 from tfanet_core.fader import fit_fader
 from tfanet_core.features import FeatureExtractor, extract_features
-from tfanet_core.geometry import resolve_geometry
+from tfanet_core.geometry import aspect_summary, resolve_geometry, training_sizes
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.predictor import Predictor, default_device
 from tfanet_core.pseudo_anomalies import separation_selector
@@ -161,6 +161,7 @@ def train_manifest(
             "version": manifest.version,
             "n_train": len(features.train_paths),
             "n_val": len(features.val_paths),
+            "aspect_ratios": aspect_summary(training_sizes(manifest)),  # what features.geometry=native reads
         },
         training=training,
     )
