@@ -430,17 +430,21 @@ ABLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
 # both only shape the mask at inference, so the sweep re-scores, it does not retrain.
 FADER_SWEEP = [(t, temp) for t in (0.5, 1.0, 2.0, 3.0) for temp in (0.25, 0.5, 1.0)]
 
-# Round 2 (issue #21): geometry, then a template bank at the native geometry, the network-free baselines at that
-# geometry, FADeR swept at it. "square 256²" is the cpu profile's main row (same id, run once).
+# Round 2 (issue #21): geometry with the single medoid template (the previous cpu profile), then a template bank
+# at the native geometry, the network-free baselines at that geometry, FADeR swept at it. The rows were run before
+# the shared-aspect rule (tfanet_core/geometry.py), so magnetic_tile's "native" rows are 288×224; the rule now keeps
+# it square (reproduce them with features.geometry=fixed, features.image_size=[288,224], features.feature_size=[36,28]).
+MEDOID = ("template.strategy=medoid", "template.k=4", "template.nearest=1")
 NATIVE = ("features.geometry=native",)
 GEOMETRIES = {
-    "native, 256² budget": NATIVE,
-    "native, 320² budget": (*NATIVE, "features.image_size=320", "features.feature_size=40"),
+    "square 256²": ("features.geometry=fixed", *MEDOID),
+    "native, 256² budget": (*NATIVE, *MEDOID),
+    "native, 320² budget": (*NATIVE, "features.image_size=320", "features.feature_size=40", *MEDOID),
 }
 BANKS = {
-    "k=2": (*NATIVE, "template.strategy=bank", "template.k=2"),
-    "k=4": (*NATIVE, "template.strategy=bank", "template.k=4"),
-    "k=8": (*NATIVE, "template.strategy=bank", "template.k=8"),
+    "k=2": (*NATIVE, "template.strategy=bank", "template.k=2", "template.nearest=1"),
+    "k=4": (*NATIVE, "template.strategy=bank", "template.k=4", "template.nearest=1"),
+    "k=8": (*NATIVE, "template.strategy=bank", "template.k=8", "template.nearest=1"),
     "blend 8 of 64": (*NATIVE, "template.strategy=bank", "template.k=64", "template.nearest=8"),
 }
 
@@ -498,12 +502,11 @@ def plan(name: str, seeds: list[int], groups: list[str] | None = None) -> list[R
             rows += [Row("main", "cpu", cat, seed=seed, rescore=True) for cat in REAL_CATEGORIES]
     elif name == "round2":
         for cat in REAL_CATEGORIES:
-            rows.append(Row("main", "cpu", cat, rescore=True))
             rows += [Row("geometry", v, cat, overrides=o) for v, o in GEOMETRIES.items()]
             rows += [Row("bank", v, cat, overrides=o) for v, o in BANKS.items()]
             rows.append(Row("baseline_native", "mean", cat, method="mean", overrides=NATIVE))
             rows.append(Row("baseline_native", "patchcore-knn", cat, method="knn", overrides=NATIVE))
-            fader = (*NATIVE, *ABLATION_BASE, "model.fader=true")
+            fader = (*NATIVE, *MEDOID, *ABLATION_BASE, "model.fader=true")
             rows.append(Row("fader_sweep", "native, 10 epochs", cat, overrides=fader, fader_pair=True))
     elif name == "candidates":
         for variant, overrides in CANDIDATES.items():
