@@ -299,7 +299,8 @@ def round2_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["group"] in ROUND2_GROUPS or (r["group"] == "main" and r["dataset"] == "real"):
             variants[(r["group"], r["variant"])][r["category"]].append(r)
-    for (group, variant), by_cat in variants.items():
+    order = [*ROUND2_GROUPS, "main"]
+    for (group, variant), by_cat in sorted(variants.items(), key=lambda item: order.index(item[0][0])):
         cells, d_img, d_pix, minutes = [], [], [], []
         for c in CATEGORIES:
             ms = [_baseline_metrics(r) for r in by_cat.get(c, [])]
@@ -308,7 +309,9 @@ def round2_table(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             img = mean(m["image_auroc"] for m in ms)
             pix_values = [m["pixel_auroc"] for m in ms if m["pixel_auroc"] is not None]
-            cells.append(f"{_agg([m['image_auroc'] for m in ms])} / {_agg(pix_values)}")
+            shapes = {"×".join(map(str, r["geometry"])) for r in by_cat[c] if r.get("geometry")}
+            shape = f" ({shapes.pop()})" if len(shapes) == 1 and group != "baseline_native" else ""
+            cells.append(f"{_agg([m['image_auroc'] for m in ms])} / {_agg(pix_values)}{shape}")
             if peers[c][0] is not None:
                 d_img.append(img - peers[c][0])
             if peers[c][1] is not None and pix_values:
