@@ -148,11 +148,16 @@ def _peak_rss_mib() -> float:
 
 
 def _random_predictor(config: Config, extractor: FeatureExtractor, int8: bool = False) -> Predictor:
-    """A predictor on random weights: speed does not depend on what the weights are."""
+    """A predictor on random weights (speed does not depend on what the weights are), with the profile's
+    template bank: a bank's lookup and blend are part of what an image costs."""
+    bank = config.template.strategy in ("bank", "auto")
+    templates, nearest = (config.template.k, config.template.nearest) if bank else (1, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = TemplateAggregator(config.model, extractor.out_channels, config.features.feature_hw)
-        model.set_template(extractor(torch.rand(1, 3, *config.features.image_hw)))
+        model = TemplateAggregator(
+            config.model, extractor.out_channels, config.features.feature_hw, templates=templates, nearest=nearest
+        )
+        model.set_template(extractor(torch.rand(templates, 3, *config.features.image_hw)))
     bundle = Bundle(config=config, model=model, backbone=extractor.describe())
     return Predictor(bundle, device="cpu", batch_size=8, extractor=extractor, int8=int8)
 
