@@ -86,8 +86,8 @@ def select_template(
     if strategy == "auto":
         if config is None or selector is None:
             raise ValueError("template strategy auto needs the training config and a pseudo-anomaly selector")
-        trial = synthetic_trial(features, val_features, config, selector, trial_epochs, device, progress)
-        return auto_choice(features, trial, k, nearest, trial_epochs)
+        judge = synthetic_trial(features, val_features, config, selector, trial_epochs, device, progress)
+        return auto_choice(features, judge, k, nearest, trial_epochs)
     if strategy == "best_of_k":
         if config is None or val_features is None or len(val_features) == 0:
             raise ValueError(
