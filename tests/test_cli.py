@@ -37,7 +37,8 @@ def test_train_then_predict_prints_one_json_object_per_image(
     assert main(["predict", "--bundle", str(bundle), str(folder), "--device", "cpu"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(rows) == len(list(folder.glob("*.png")))
-    assert set(rows[0]) == {"path", "score", "threshold", "is_anomalous"}
+    assert set(rows[0]) == {"path", "score", "threshold", "is_anomalous", "templates"}
+    assert rows[0]["templates"] == [load_bundle(bundle).template["image"]]  # the one template it was compared with
     assert all(r["is_anomalous"] == (r["score"] > r["threshold"]) for r in rows)
 
 
