@@ -35,7 +35,7 @@ def model_info(config: Config) -> dict[str, Any]:
 
     image = torch.rand(1, 3, *config.features.image_hw)
     features = extractor(image)
-    model.template_tokens()  # warm the template cache: served models compute it once per bundle
+    model.warm_cache()  # template tokens (and bank keys): served models compute them once per bundle
     backbone_flops = _count_flops(extractor, image)
     transformer_flops = _count_flops(model, model.standardize(features))
     total = backbone_flops + transformer_flops

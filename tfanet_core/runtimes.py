@@ -83,8 +83,7 @@ class InferenceGraph(nn.Module):
         self.model = model.eval()
         self.config = config
         self.eval()
-        with torch.inference_mode():  # fills the model's template-token cache: traced as a constant
-            model.template_tokens()
+        model.warm_cache()  # template tokens and bank keys: traced as constants
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.extractor.fuse(self.extractor.layer_maps(images))

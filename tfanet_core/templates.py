@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from tfanet_core.config import TEMPLATE_STRATEGIES, Config
 from tfanet_core.errors import TfanetError
-from tfanet_core.model import KEY_GRID, TemplateAggregator
+from tfanet_core.model import TemplateAggregator, template_keys
 from tfanet_core.training import evaluate_loss, feature_statistics, fit, prepared_model
 
 if TYPE_CHECKING:
@@ -122,14 +121,11 @@ def _medoid(features: torch.Tensor) -> TemplateChoice:
 
 
 def bank_keys(features: torch.Tensor) -> torch.Tensor:
-    """Per-image keys [N, C·16]: channel-standardized features average-pooled to the model's KEY_GRID layout.
-
-    The same pooling the model searches its bank with; standardized per channel over the training set, so
-    no channel dominates the distance by its scale alone.
-    """
+    """Per-image keys [N, C·16] (the model's :func:`template_keys`) of the features standardized per channel over
+    the training set, so that no channel dominates the distance by its scale alone."""
     mean, std = feature_statistics(features)
     standardized = (features - mean.view(1, -1, 1, 1)) / std.clamp_min(1e-6).view(1, -1, 1, 1)
-    return F.adaptive_avg_pool2d(standardized, KEY_GRID).flatten(1).double()
+    return template_keys(standardized).double()
 
 
 def k_center_bank(features: torch.Tensor, k: int, nearest: int = 1) -> TemplateChoice:
@@ -166,9 +162,10 @@ def auto_choice(
     Label-free, like the checkpoint choice: defects drawn onto held-out normal images stand in for real
     ones. Ties go to the simpler candidate (listed first). Every candidate's signal is evidence.
     """
-    options = {"single": _medoid(features), "nearest": k_center_bank(features, k)}
+    bank = k_center_bank(features, k, nearest)
+    options = {"single": _medoid(features), "nearest": replace(bank, nearest=1)}
     if nearest > 1:
-        options[f"blend of {nearest}"] = k_center_bank(features, k, nearest)
+        options[f"blend of {nearest}"] = bank
     signals = {name: float(trial(choice)) for name, choice in options.items()}
     winner = max(signals, key=lambda name: signals[name])  # the first of equals: dicts keep insertion order
     chosen = options[winner]
