@@ -111,18 +111,14 @@ def gap_table(rows: list[dict[str, Any]]) -> list[str]:
         "mean-reconstruction image / pixel |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for cat, peers in PEERS.items():
+    for cat in PEERS:
         mine = [r["metrics"]["default"] for r in _of(rows, "main", cat)]
         if not mine:
             continue
         ours_img = mean(m["image_auroc"] for m in mine)
         pix = [m["pixel_auroc"] for m in mine if m["pixel_auroc"] is not None]
         ours_pix = mean(pix) if pix else None
-        # the peers quoted in the issue and this harness's own kNN rows
-        knn = [_baseline_metrics(r) for r in _of(rows, "baseline", cat, "knn")]
-        candidates = [*peers.values(), *((m["image_auroc"], m["pixel_auroc"], m["aupro"]) for m in knn)]
-        best_img = max((v[0] for v in candidates if v[0] is not None), default=None)
-        best_pix = max((v[1] for v in candidates if v[1] is not None), default=None)
+        best_img, best_pix = best_peer(rows, cat)
         floors = _of(rows, "baseline", cat, "mean")
         fm = _baseline_metrics(floors[0]) if floors else {}
         out.append(
