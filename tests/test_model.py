@@ -103,3 +103,20 @@ def test_template_and_feature_statistics_travel_in_the_state_dict() -> None:
     assert torch.equal(state["template"], torch.full((1, 8, 16, 16), 3.0))  # a bank of one
     assert torch.equal(state["feature_std"], torch.full((8,), 2.0))
     assert "pos_embed" not in state  # fixed, rebuilt from the config
+
+
+def test_inference_blends_cached_bank_tokens_like_training_blends_features() -> None:
+    """The embedding is affine: averaging the cached tokens of the chosen entries (inference) equals
+    embedding the average of their features (training)."""
+    config = load_config("tiny")
+    model = TemplateAggregator(config.model, 8, 16, templates=5, nearest=3).eval()
+    model.set_template(torch.randn(5, 8, 16, 16))
+    model.set_feature_stats(torch.randn(8), torch.rand(8) + 0.5)
+    features = model.standardize(torch.randn(4, 8, 16, 16))
+    with torch.no_grad():
+        index = model.nearest_templates(features)
+        cached = model(features, templates=index)
+        assert "tokens" in model._cache and model._cache["tokens"].shape == (5, model.num_patches, 64)
+    with torch.enable_grad():
+        blended = model(features, templates=index)
+    assert torch.allclose(cached, blended.detach(), rtol=1e-5, atol=1e-5)

@@ -211,23 +211,26 @@ class TemplateAggregator(nn.Module):
     def _embed(self, standardized: torch.Tensor) -> torch.Tensor:
         return self.content_tokens(standardized) + self.pos_embed[:, 1:]
 
-    def _inference_cached(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``compute()``, kept in inference, where weights, template and statistics cannot change.
+    def _cacheable(self) -> bool:
+        """Inference: weights, template and statistics cannot change, so what is derived from them is kept."""
+        return not self.training and not torch.is_grad_enabled()
 
-        Cleared whenever any of them can: set_template, set_feature_stats, train(), load_state_dict.
+    def _inference_cached(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, kept in inference (:meth:`_cacheable`).
+
+        Cleared whenever any input of it can change: set_template, set_feature_stats, train(), load_state_dict.
         """
-        cacheable = not self.training and not torch.is_grad_enabled()
         hit = self._cache.get(name)
-        if cacheable and hit is not None and hit.device == self.template.device:
+        if self._cacheable() and hit is not None and hit.device == self.template.device:
             return hit
         value = compute()
-        if cacheable:
+        if self._cacheable():
             self._cache[name] = value
         return value
 
     def template_tokens(self) -> torch.Tensor:
-        """Embedded tokens [1, L, D] of a single template; cached in inference."""
-        return self._inference_cached("tokens", lambda: self._embed(self.standardize(self.template[:1])))
+        """Embedded tokens [T, L, D] of every bank entry; cached in inference."""
+        return self._inference_cached("tokens", lambda: self._embed(self.standardize(self.template)))
 
     def bank_keys(self) -> torch.Tensor:
         """The bank's search keys [T, C·16] (:func:`template_keys`); cached in inference (standardizing and
@@ -260,11 +263,19 @@ class TemplateAggregator(nn.Module):
         return distance.topk(self.nearest, dim=1, largest=False).indices
 
     def _bank_tokens(self, index: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, L, D] of the mean of each input's chosen bank entries (embedding is affine: mean of tokens)."""
+        """Tokens [B, L, D] of the mean of each input's chosen bank entries.
+
+        The embedding (standardization, patch projection, positions) is affine, so the tokens of the mean
+        are the mean of the tokens. Inference averages the cached tokens of the chosen entries (L·D numbers
+        each, 1/12 of an entry's features in the ``cpu`` profile): gathering 8 raw feature maps per image
+        cost a tenth of an OpenVINO batch. Training embeds the blend instead: embedding all T entries
+        every step would cost T embeddings where the blend costs one per image.
+        """
         if self.templates == 1:
             return self.template_tokens().expand(index.shape[0], -1, -1)
-        blended = self.template[index].mean(dim=1)  # [B, C, h, w]
-        return self._embed(self.standardize(blended))
+        if self._cacheable():
+            return self.template_tokens()[index].mean(dim=1)
+        return self._embed(self.standardize(self.template[index].mean(dim=1)))
 
     def forward(
         self,
