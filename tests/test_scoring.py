@@ -11,7 +11,14 @@ from scipy.ndimage import gaussian_filter
 
 from tfanet_core.config import ScoringConfig, load_config
 from tfanet_core.metrics import pixel_auroc
-from tfanet_core.scoring import anomaly_map, distance_maps, gaussian_blur, image_score, reconstruction_loss
+from tfanet_core.scoring import (
+    anomaly_map,
+    distance_maps,
+    gaussian_blur,
+    image_score,
+    reconstruction_loss,
+    upsample_smooth,
+)
 
 
 def test_loss_equals_hand_computation() -> None:
@@ -86,3 +93,16 @@ def test_coarse_scale_finds_a_large_faint_defect_that_single_positions_hide() ->
 def test_scales_must_be_distinct_divisors_of_the_feature_size(scales: list[int]) -> None:
     with pytest.raises(ValueError, match=r"scoring\.scales"):
         load_config("tiny", [f"scoring.scales={scales}"])  # tiny: feature_size 16
+
+
+def test_upsampling_and_smoothing_as_one_operator_equal_interpolation_then_blur() -> None:
+    """The map's upsample-and-smooth is two matrix products; they must be bilinear interpolation
+    (align_corners) followed by scipy's Gaussian with mirrored borders, on a non-square map."""
+    rng = np.random.default_rng(1)
+    small = torch.from_numpy(rng.random((2, 6, 11)))
+    up = torch.nn.functional.interpolate(small.unsqueeze(1), (40, 70), mode="bilinear", align_corners=True)
+    ref = np.stack([gaussian_filter(a, 3.0, mode="mirror", truncate=4.0) for a in up.squeeze(1).numpy()])
+    assert np.abs(upsample_smooth(small, (40, 70), 3.0).numpy() - ref).max() < 1e-12
+    assert torch.allclose(upsample_smooth(small, (40, 70), 0.0), up.squeeze(1), atol=1e-12)
+    with pytest.raises(ValueError, match="reaches 12 px"):
+        upsample_smooth(small, (8, 70), 3.0)
