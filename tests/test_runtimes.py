@@ -20,7 +20,9 @@ from tfanet_core.predictor import Predictor
 from tfanet_core.runtimes import (
     MANIFEST_FILE,
     PARITY_TOLERANCE,
+    ExportedModel,
     ExportError,
+    OpenVINORunner,
     bundle_digest,
     compare_scores,
     export_bundle,
@@ -207,3 +209,20 @@ def test_cli_predict_gives_the_same_json_for_every_runtime(
     assert main(["export", "--bundle", str(fabric_bundle), "--format", "openvino", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["runtime"] == "openvino" and printed["parity"]["passed"]
+
+
+def test_openvino_splits_a_batch_over_one_stream_per_thread(exports: dict[str, Path]) -> None:
+    """Five images on two threads run as two static batches of three (the last image repeated), one per
+    stream; the scores, maps and template choices are those of one thread running them together."""
+    split = ExportedModel(exports["openvino"], threads=2)
+    whole = ExportedModel(exports["openvino"], threads=1)
+    images = _images(5)
+    scores, maps, templates = split.scores(images)
+    expected, expected_maps, expected_templates = whole.scores(images)
+    assert scores.shape == (5,) and maps.shape == (5, 128, 128)
+    assert float(((scores - expected).abs() / expected.abs()).max()) <= PARITY_TOLERANCE
+    assert torch.allclose(maps, expected_maps, rtol=1e-4, atol=1e-6) and torch.equal(templates, expected_templates)
+    runner = split._run
+    assert isinstance(runner, OpenVINORunner) and list(runner._compiled) == [(3, 2)]
+    split.scores(images[:1])  # a single image keeps both threads on one request
+    assert list(runner._compiled) == [(3, 2), (1, 1)]
