@@ -35,8 +35,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from components.naming import registered_model_name, torchserve_model_name
-from components.serving.archive import build_archive
-from components.serving.parity import DEFAULT_TOLERANCE, check_parity, export_for_serving
+from components.serving.archive import build_archive, threads_per_worker
+from components.serving.parity import DEFAULT_TOLERANCE, ServingRuntime, check_parity, export_for_serving
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CANDIDATE, CHAMPION, download_bundle, version_by_alias
 from tfanet_core.config import section_from_mapping
@@ -101,6 +101,7 @@ class DeployDecision:
     serving: str | None
     parity_max_abs_diff: float | None = None
     export_parity: dict[str, Any] | None = None  # the exported runtime's gate (runtimes.Parity); None on torch
+    runtime: dict[str, Any] | None = None  # what serves and why (components.serving.parity.ServingRuntime)
     archive: str | None = None
     history: tuple[str, ...] = ()
     decided_at: str = ""
@@ -161,6 +162,36 @@ def _prune(client: TorchServeClient, name: str, history: Sequence[str], keep: in
             client.unregister(name, version)
 
 
+@dataclass
+class _Served:
+    """What :func:`_serve_version` built and measured; ``failure`` says why it is not served (None: it is)."""
+
+    archive: Path | None
+    max_abs_diff: float
+    failure: str | None
+    runtime: ServingRuntime
+
+    def fields(self) -> dict[str, Any]:
+        """The :class:`DeployDecision` fields that record this attempt."""
+        return {
+            "parity_max_abs_diff": self.max_abs_diff,
+            "export_parity": self.runtime.gate.to_json() if self.runtime.gate is not None else None,
+            "runtime": self.runtime.to_json(),
+            "archive": str(self.archive) if self.archive else None,
+        }
+
+    def tags(self) -> dict[str, str]:
+        """The model version's tags that record this attempt."""
+        gate = self.fields()["export_parity"]
+        return {
+            "deploy.parity_max_abs_diff": f"{self.max_abs_diff:.3g}",
+            "deploy.archive": self.archive.name if self.archive else "none",
+            "deploy.decided_at": _now(),
+            "deploy.runtime": json.dumps(self.runtime.to_json()),
+            **({"deploy.export_parity": json.dumps(gate)} if gate else {}),
+        }
+
+
 def _serve_version(
     client: TorchServeClient,
     mv: ModelVersion,
@@ -169,11 +200,10 @@ def _serve_version(
     probes: Sequence[Path],
     serving: ServingParams,
     tolerance: float,
-) -> tuple[Path | None, float, str | None, dict[str, Any] | None]:
-    """Register registry version ``mv`` in TorchServe (not yet default), warm it, check parity.
+) -> _Served:
+    """Register registry version ``mv`` in TorchServe (not yet default) on its serving runtime, warm it, check parity.
 
-    Returns (archive, max |served - bundle| score, failure reason or None, the export gate's figures). An
-    export that fails its gate is refused before anything is built or registered; on a served-parity
+    An export that fails its gate is refused before anything is built or registered; on a served-parity
     failure the version is unregistered again, so nothing half-checked stays registered.
     """
     name = torchserve_model_name(product)
@@ -182,10 +212,16 @@ def _serve_version(
         client.unregister(name, version)  # a leftover of an interrupted deploy: rebuild it from the registry
     with tempfile.TemporaryDirectory(prefix=f"{name}-v{version}-") as tmp:
         bundle = download_bundle(f"models:/{mv.name}/{version}", Path(tmp) / "model")
-        export, gate = export_for_serving(bundle, mv.run_id, Path(tmp) / "export", probes)
-        figures = gate.to_json() if gate is not None else None
-        if gate is not None and not gate.passed:
-            return None, math.nan, f"export gate failed for v{version}: " + "; ".join(gate.reasons), figures
+        runtime = export_for_serving(
+            bundle,
+            mv.run_id,
+            Path(tmp) / "export",
+            probes,
+            batch_size=serving.batch_size,
+            threads=threads_per_worker(serving.workers),
+        )
+        if runtime.failure is not None:
+            return _Served(None, math.nan, f"export gate failed for v{version}: {runtime.failure}", runtime)
         mar = build_archive(
             bundle,
             product,
@@ -193,7 +229,7 @@ def _serve_version(
             model_store,
             source={"kind": "mlflow", "model": mv.name, "version": version, "run_id": mv.run_id},
             filename=f"{name}-v{version}.mar",
-            export=export,
+            export=runtime.export,
             workers=serving.workers,
         )
         client.register(
@@ -213,17 +249,17 @@ def _serve_version(
             client.unregister(name, version)
             raise
     if report.passed:
-        return mar, report.max_abs_diff, None, figures
+        return _Served(mar, report.max_abs_diff, None, runtime)
     # Not the default (set-default comes only after parity), unless it is the product's first version,
     # which TorchServe serves from registration on: then, as before the step, nothing is served.
     client.unregister(name, version)
     worst = max(report.rows, key=lambda r: float(r["abs_diff"]))
-    return (
+    return _Served(
         mar,
         report.max_abs_diff,
         f"parity failed: served scores of v{version} differ from its bundle's by up to {report.max_abs_diff:.3g} "
         f"(> {tolerance:g}; worst probe {worst['path']}); check the archive and the server's torch build",
-        figures,
+        runtime,
     )
 
 
@@ -299,28 +335,27 @@ def deploy(
             _tag(registry, reg_name, candidate.version, {"deploy.status": "not_deployed", "deploy.reason": reason})
         return decide(UNCHANGED, reason, previous)
 
-    mar, diff, failure, gate = _serve_version(client, champion, product, Path(model_store), paths, serving, tolerance)
-    tags = {"deploy.parity_max_abs_diff": f"{diff:.3g}", "deploy.archive": mar.name if mar else "none"}
-    tags |= {"deploy.decided_at": _now(), **({"deploy.export_parity": json.dumps(gate)} if gate else {})}
-    found = {"parity_max_abs_diff": diff, "export_parity": gate, "archive": str(mar) if mar else None}
-    if failure is not None:
-        reason = f"{failure}; " + (f"v{previous} keeps serving" if previous else "nothing is served")
+    served = _serve_version(client, champion, product, Path(model_store), paths, serving, tolerance)
+    tags = served.tags()
+    if served.failure is not None:
+        reason = f"{served.failure}; " + (f"v{previous} keeps serving" if previous else "nothing is served")
         _tag(registry, reg_name, version, {**tags, "deploy.status": REFUSED, "deploy.reason": reason})
-        return decide(REFUSED, reason, served_default(client, name), **found)
+        return decide(REFUSED, reason, served_default(client, name), **served.fields())
     client.set_default(name, version)
     history.append(version)
     registry.set_registered_model_tag(reg_name, HISTORY_TAG, ",".join(history))
     _prune(client, name, history, serving.keep_versions)
-    reason = f"champion v{version} passed parity (max |diff| {diff:.2g} <= {tolerance:g}) and replaced " + (
-        f"v{previous}" if previous else "nothing (first version served)"
-    )
+    reason = (
+        f"champion v{version} on {served.runtime.runtime} passed parity "
+        f"(max |diff| {served.max_abs_diff:.2g} <= {tolerance:g}) and replaced "
+    ) + (f"v{previous}" if previous else "nothing (first version served)")
     _tag(
         registry,
         reg_name,
         version,
         {**tags, "deploy.status": DEPLOYED, "deploy.reason": reason, "deploy.served_at": _now()},
     )
-    return decide(DEPLOYED, reason, version, **found)
+    return decide(DEPLOYED, reason, version, **served.fields())
 
 
 def rollback(
@@ -353,14 +388,13 @@ def rollback(
         )
     current, target = history[-1], history[-2]
     previous = served_default(client, name)
-    diff: float | None = None
-    mar: Path | None = None
+    served: _Served | None = None
     if target not in _registered_versions(client, name):
-        mar, diff, failure, _ = _serve_version(
+        served = _serve_version(
             client, registry.get_model_version(reg_name, target), product, Path(model_store), paths, serving, tolerance
         )
-        if failure is not None:
-            raise DeployError(f"rollback to v{target} aborted, v{previous} keeps serving: {failure}")
+        if served.failure is not None:
+            raise DeployError(f"rollback to v{target} aborted, v{previous} keeps serving: {served.failure}")
     client.set_default(name, target)
     registry.set_registered_model_alias(reg_name, CHAMPION, target)
     history = history[:-1]
@@ -379,8 +413,7 @@ def rollback(
             target,
             previous,
             target,
-            parity_max_abs_diff=diff,
-            archive=str(mar) if mar else None,
+            **(served.fields() if served else {}),
             history=tuple(history),
             decided_at=now,
         ),

@@ -24,12 +24,12 @@ from components.promotion import GatePolicy, promote
 from components.serving import server
 from components.serving.archive import build_archive, read_manifest
 from components.serving.handler import TFANetHandler
-from components.serving.parity import EXPORT_ARTIFACT
+from components.serving.parity import EXPORT_ARTIFACT, export_for_serving
 from components.serving.torchserve import TorchServeClient
 from components.tracking import log_training_run, registered_model_name
 from tfanet_core.bundle import load_bundle
 from tfanet_core.predictor import Predictor
-from tfanet_core.runtimes import MANIFEST_FILE, PARITY_TOLERANCE, bundle_digest, export_bundle
+from tfanet_core.runtimes import MANIFEST_FILE, PARITY_TOLERANCE, Parity, bundle_digest, export_bundle, verify_export
 
 OCTET = "application/octet-stream"
 
@@ -175,3 +175,40 @@ def test_deploy_serves_the_export_and_refuses_an_altered_one(
     assert refused.export_parity["max_relative_difference"] > PARITY_TOLERANCE
     assert registry.get_model_version(name, "2").tags["deploy.status"] == "refused"
     assert client.predict(torchserve_model_name(product), probes[0].read_bytes()).json()["model_version"] == "1"
+
+
+def test_without_a_serving_runtime_the_fastest_in_parity_serves(
+    fabric_bundle: Path, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = probe_images(synth_root, "fabric", 2)
+    assert not load_bundle(fabric_bundle).serving  # what training writes: no runtime chosen
+    chosen = export_for_serving(fabric_bundle, None, tmp_path / "all", probes, batch_size=3, threads=1)
+    assert chosen.chosen_by == "measured" and (chosen.batch_size, chosen.threads) == (3, 1)
+    assert set(chosen.images_per_s) == {"torch", "onnxruntime", "openvino"} and not chosen.refused
+    assert chosen.runtime == max(chosen.images_per_s, key=lambda runtime: chosen.images_per_s[runtime])
+    if chosen.runtime == "torch":
+        assert chosen.export is None and chosen.gate is None
+    else:
+        assert chosen.gate is not None and chosen.gate.passed and chosen.failure is None
+        assert chosen.export is not None and json.loads((chosen.export / MANIFEST_FILE).read_text())["runtime"] == (
+            chosen.runtime
+        )
+
+    # An export out of parity is no candidate: it is named with its reason, and the rest still compete.
+    def onnx_out_of_parity(reference: Predictor, directory: Path, **kwargs: object) -> Parity:
+        parity = verify_export(reference, directory, **kwargs)  # type: ignore[arg-type]
+        if parity.runtime == "onnxruntime":
+            parity.reasons.append("onnxruntime scores differ (made up by this test)")
+        return parity
+
+    monkeypatch.setattr("components.serving.parity.verify_export", onnx_out_of_parity)
+    without = export_for_serving(fabric_bundle, None, tmp_path / "without", probes, batch_size=1, threads=1)
+    assert without.refused == {"onnxruntime": "onnxruntime scores differ (made up by this test)"}
+    assert set(without.images_per_s) == {"torch", "openvino"} and without.runtime in without.images_per_s
+    assert without.failure is None  # a refused candidate does not refuse the deploy
+
+
+def test_a_bundle_that_names_its_runtime_is_served_on_it(served_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    chosen = export_for_serving(served_bundle, None, tmp_path, probe_images(synth_root, "fabric", 2))
+    assert (chosen.runtime, chosen.chosen_by, chosen.images_per_s) == ("openvino", "bundle", {})
+    assert chosen.gate is not None and chosen.gate.passed

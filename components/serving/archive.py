@@ -55,6 +55,11 @@ def _archiver() -> Path:
     return exe
 
 
+def threads_per_worker(workers: int) -> int:
+    """Intra-op threads of each of ``workers`` TorchServe workers: the cores shared out, never oversubscribed."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def build_archive(
     bundle: Path | str,
     product: str,
@@ -99,7 +104,7 @@ def build_archive(
             "profile": meta.get("config", {}).get("profile"),
         },
         "runtime": exported["runtime"] if exported else "torch",
-        "threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+        "threads": threads_per_worker(workers),
         "export": {k: exported[k] for k in ("format", "runtime_version", "bundle_sha256", "parity")}
         if exported
         else None,
