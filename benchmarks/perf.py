@@ -248,6 +248,8 @@ def profile_inference(profile: str, plan: Plan, threads: int, work: str) -> dict
     latencies = _latencies({"torch": predictor, **{rt: p for rt, (p, _) in exported.items()}}, batch8[:1], runs)
     out["latency_ms"] = latencies["torch"]
     out["runtimes"] = _runtime_rows(predictor, exported, timings, outputs, latencies, plan, gflop)
+    if "openvino" in exported:
+        out["openvino_time"] = openvino_time(Path(work) / f"{profile}-openvino", batch8.numpy(), threads)
     out["image_sizes"] = image_size_scaling(config, plan, threads, gflop - cost["backbone_gflops"])
     return out
 
@@ -328,6 +330,37 @@ def _runtime_rows(
             }
         )
     return rows
+
+
+def openvino_time(export: Path, images: np.ndarray, threads: int, runs: int = 5) -> dict[str, Any]:
+    """Where an OpenVINO batch spends its time: the per-node timers of its fastest run, summed per kind of
+    node (operation and the kernel that ran it). One request on all threads, the batch's static shape."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(export / "model.xml"))
+    model.reshape({"images": list(images.shape)})
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    request.infer({"images": images})
+    best, nodes = float("inf"), []
+    for _ in range(runs):
+        start = time.perf_counter()
+        request.infer({"images": images})
+        if (spent := time.perf_counter() - start) < best:
+            best, nodes = spent, list(request.profiling_info)
+    kinds: dict[str, float] = {}
+    for node in nodes:
+        kind = f"{node.node_type} ({node.exec_type})"
+        kinds[kind] = kinds.get(kind, 0.0) + node.real_time.total_seconds() * 1000
+    total = sum(kinds.values())
+    rows = sorted(kinds.items(), key=lambda item: -item[1])
+    return {
+        "batch": len(images),
+        "wall_ms": best * 1000,
+        "nodes_ms": total,
+        "kinds": [{"kind": kind, "ms": ms, "share": ms / total} for kind, ms in rows],
+    }
 
 
 def _with_threads(n: int, restore: int, fn: Callable[[], Any]) -> Any:
@@ -855,4 +888,19 @@ def _runtime_markdown(r: dict[str, Any]) -> list[str]:
                 f"{b8['roofline_fraction']:.0%} | {row['max_relative_score_difference']:.1e} | {b8['cpu_share']:.2f} | "
                 f"{export} |"
             )
+    for name, p in r["profiles"].items():
+        spent = p.get("openvino_time")
+        if not spent:
+            continue
+        lines += [
+            "",
+            f"### Where the time goes: OpenVINO, `{name}`, batch {spent['batch']}",
+            "",
+            f"Per-node timers of the fastest of 5 runs ({spent['wall_ms']:.1f} ms wall, {spent['nodes_ms']:.1f} ms "
+            "in nodes), one request on all threads, summed per operation and kernel; the ten largest.",
+            "",
+            "| operation (kernel) | ms per batch | share |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [f"| {k['kind']} | {k['ms']:.2f} | {k['share']:.1%} |" for k in spent["kinds"][:10]]
     return lines
