@@ -5,8 +5,9 @@ and switches traffic only after parity. In the cluster the management key never 
 pod, and the model store is an emptyDir filled from ``s3://<model_bucket>/torchserve/<product>/`` at
 every pod start (infra/README.md). So :func:`deploy_in_cluster`:
 
-1. publishes the champion's ``.mar`` (the archive builder of the local deploy) as the prefix's only
-   archive (:func:`publish`);
+1. publishes the champion's ``.mar`` (the archive builder of the local deploy, on the runtime the local
+   deploy would choose, its export gated the same way; a failed gate refuses before anything changes) as
+   the prefix's only archive (:func:`publish`);
 2. restarts ``deployment/torchserve-<product>`` and waits until every replica is updated and ready
    (:class:`KubernetesRollout`: the Kubernetes API with the step pod's service-account token, RBAC in
    infra/k8s/torchserve/rollout-rbac.yaml);
@@ -52,10 +53,17 @@ from components.deploy import (
 )
 from components.naming import registered_model_name, torchserve_model_name
 from components.serving.archive import build_archive
-from components.serving.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
+from components.serving.parity import (
+    DEFAULT_TOLERANCE,
+    ParityReport,
+    ServingRuntime,
+    check_parity,
+    export_for_serving,
+)
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CHAMPION, download_bundle, version_by_alias
 from tfanet_core.errors import TfanetError
+from tfanet_core.runtimes import threads_per_worker
 
 __all__ = [
     "PARITY_LABEL",
@@ -90,27 +98,38 @@ def _archives(s3: Any, bucket: str, product: str) -> list[str]:
     return [o["Key"] for o in listed if o["Key"].endswith(".mar")]
 
 
-def publish(product: str, version: str, model_bucket: str, s3: Any, registry: MlflowClient) -> dict[str, Any]:
+def publish(
+    product: str, version: str, model_bucket: str, s3: Any, registry: MlflowClient, probes: Sequence[Path]
+) -> dict[str, Any]:
     """Make the ``.mar`` of registry version ``version`` the only archive of ``product`` in the model bucket.
 
-    The prefix is ``s3://<model_bucket>/torchserve/<product>/``. Returns ``{"archive": s3 URI, "removed":
-    [s3 URIs]}``; the version is tagged ``deploy.published``. The registry keeps every version, so
-    removing old archives loses nothing.
+    The archive serves the runtime :func:`~components.serving.parity.export_for_serving` decides (the
+    bundle's ``serving.runtime``, else the fastest in parity, timed here, in the deploy step's pod, at
+    TorchServe's default batch of 1) with its gated export. The prefix is
+    ``s3://<model_bucket>/torchserve/<product>/``. Returns ``{"archive": s3 URI, "removed": [s3 URIs],
+    "runtime": ServingRuntime}``; the version is tagged ``deploy.published``. The registry keeps every
+    version, so removing old archives loses nothing. When the export the bundle names fails its gate,
+    nothing is published or removed: ``archive`` is None and ``runtime.failure`` says why.
     """
     reg_name = registered_model_name(product)
     mv = registry.get_model_version(reg_name, version)
     key = f"{_prefix(product)}/{torchserve_model_name(product)}-v{version}.mar"
     with tempfile.TemporaryDirectory(prefix=f"publish-{product}-") as tmp:
         bundle = download_bundle(f"models:/{reg_name}/{version}", Path(tmp) / "model")
+        runtime = export_for_serving(bundle, mv.run_id, Path(tmp) / "export", probes, threads=threads_per_worker(1))
+        if runtime.failure is not None:
+            return {"archive": None, "removed": [], "runtime": runtime}
         source = {"kind": "mlflow", "model": reg_name, "version": version, "run_id": mv.run_id}
-        mar = build_archive(bundle, product, version, Path(tmp) / "store", source=source, filename=Path(key).name)
+        mar = build_archive(
+            bundle, product, version, Path(tmp) / "store", source=source, filename=Path(key).name, export=runtime.export
+        )
         s3.upload_file(str(mar), model_bucket, key)
     removed = [k for k in _archives(s3, model_bucket, product) if k != key]
     for old in removed:
         s3.delete_object(Bucket=model_bucket, Key=old)
     archive = f"s3://{model_bucket}/{key}"
     registry.set_model_version_tag(reg_name, version, "deploy.published", archive)
-    return {"archive": archive, "removed": [f"s3://{model_bucket}/{k}" for k in removed]}
+    return {"archive": archive, "removed": [f"s3://{model_bucket}/{k}" for k in removed], "runtime": runtime}
 
 
 def unpublish(product: str, model_bucket: str, s3: Any) -> list[str]:
@@ -251,12 +270,26 @@ def deploy_in_cluster(
     if version == previous:
         return decide(UNCHANGED, f"champion v{version} already is the deployed version", previous)
 
-    published = publish(product, version, model_bucket, s3, registry)
+    published = publish(product, version, model_bucket, s3, registry, paths)
+    runtime: ServingRuntime = published["runtime"]
+    recorded = {
+        "runtime": runtime.to_json(),
+        "export_parity": runtime.gate.to_json() if runtime.gate is not None else None,
+        "archive": published["archive"],
+    }
+    tags = {"deploy.decided_at": _now(), "deploy.runtime": json.dumps(recorded["runtime"])}
+    if recorded["export_parity"] is not None:
+        tags["deploy.export_parity"] = json.dumps(recorded["export_parity"])
+    if runtime.failure is not None:
+        where = f"v{previous} keeps serving" if previous else "nothing is served"
+        reason = f"export gate failed for v{version}: {runtime.failure}; {where}"
+        _set_tags(registry, reg_name, version, {**tags, "deploy.status": REFUSED, "deploy.reason": reason})
+        return decide(REFUSED, reason, previous, **recorded)
     restart(product)
     with tempfile.TemporaryDirectory(prefix=f"parity-{product}-") as tmp:
         bundle = download_bundle(f"models:/{reg_name}/{version}", Path(tmp) / "model")
         diff, failure = _parity(inference_url, product, version, bundle, paths, tolerance)
-    tags = {"deploy.archive": published["archive"], "deploy.decided_at": _now()}
+    tags["deploy.archive"] = published["archive"]
     if diff is not None:
         tags["deploy.parity_max_abs_diff"] = f"{diff:.3g}"
     if failure is None:
@@ -266,16 +299,18 @@ def deploy_in_cluster(
             f"replacing v{previous}" if previous else "the first version served"
         )
         _set_tags(registry, reg_name, version, {**tags, "deploy.status": DEPLOYED, "deploy.reason": reason})
-        return decide(DEPLOYED, reason, version, parity_max_abs_diff=diff, archive=published["archive"])
+        return decide(DEPLOYED, reason, version, parity_max_abs_diff=diff, **recorded)
 
     if previous is None:
         unpublish(product, model_bucket, s3)
         restart(product)
         reason = f"{failure}; archive removed, nothing is served"
         _set_tags(registry, reg_name, version, {**tags, "deploy.status": REFUSED, "deploy.reason": reason})
-        return decide(REFUSED, reason, None, parity_max_abs_diff=diff, archive=published["archive"])
+        return decide(REFUSED, reason, None, parity_max_abs_diff=diff, **recorded)
 
-    back = publish(product, previous, model_bucket, s3, registry)
+    back = publish(product, previous, model_bucket, s3, registry, paths)
+    if back["archive"] is None:
+        raise DeployError(f"{failure}; the rollback to v{previous} failed too: {back['runtime'].failure}")
     restart(product)
     with tempfile.TemporaryDirectory(prefix=f"parity-{product}-") as tmp:
         bundle = download_bundle(f"models:/{reg_name}/{previous}", Path(tmp) / "model")
@@ -285,7 +320,7 @@ def deploy_in_cluster(
     registry.set_registered_model_alias(reg_name, CHAMPION, previous)
     reason = f"{failure}; rolled back to v{previous} ({back['archive']}), champion moved back to it"
     _set_tags(registry, reg_name, version, {**tags, "deploy.status": ROLLED_BACK, "deploy.reason": reason})
-    return decide(ROLLED_BACK, reason, previous, parity_max_abs_diff=diff, archive=published["archive"])
+    return decide(ROLLED_BACK, reason, previous, parity_max_abs_diff=diff, **recorded)
 
 
 def _set_tags(registry: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
@@ -306,6 +341,10 @@ def markdown(decision: DeployDecision) -> str:
     ]
     if decision.parity_max_abs_diff is not None:
         lines.append(f"- parity: max |served - bundle| score {decision.parity_max_abs_diff:.3g}")
+    if decision.runtime:
+        speeds = ", ".join(f"{k} {v:.1f}" for k, v in decision.runtime["images_per_s"].items())
+        how = f"measured, images/s: {speeds}" if speeds else "the bundle's serving config"
+        lines.append(f"- runtime: {decision.runtime['runtime']} ({how})")
     if decision.archive:
         lines.append(f"- archive: `{decision.archive}`")
     lines.append(f"- deploy history: {', '.join(f'v{v}' for v in decision.history) or 'empty'}")

@@ -35,12 +35,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from components.naming import registered_model_name, torchserve_model_name
-from components.serving.archive import build_archive, threads_per_worker
+from components.serving.archive import build_archive
 from components.serving.parity import DEFAULT_TOLERANCE, ServingRuntime, check_parity, export_for_serving
 from components.serving.torchserve import TorchServeClient, TorchServeError
 from components.tracking import CANDIDATE, CHAMPION, download_bundle, version_by_alias
 from tfanet_core.config import section_from_mapping
 from tfanet_core.errors import ConfigError, TfanetError
+from tfanet_core.runtimes import threads_per_worker
 
 __all__ = [
     "DEPLOYED",

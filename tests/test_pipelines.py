@@ -294,6 +294,7 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     from mlflow import MlflowClient
 
     from components.cluster_deploy import publish
+    from components.deploy_cli import probe_images
     from components.serving.archive import read_manifest
     from components.storage import S3Settings, s3_client, upload_dir
     from tfanet_core.cli import main
@@ -347,14 +348,17 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     # The deploy component's first move (a cluster-only task): the champion's archive alone under the product's prefix.
     stale = f"torchserve/{product}/tfanet-{product}-v0.mar"
     s3.put_object(Bucket="dvc", Key=stale, Body=b"old")
-    record = publish(product, "1", "dvc", s3, client)
+    record = publish(product, "1", "dvc", s3, client, probe_images(synth_root, "fabric", 2))
     key = f"torchserve/{product}/tfanet-{product}-v1.mar"
     assert record["archive"] == f"s3://dvc/{key}" and record["removed"] == [f"s3://dvc/{stale}"]
+    chosen = record["runtime"]  # no serving.runtime in a trained bundle: the fastest in parity, timed here
+    assert chosen.chosen_by == "measured" and chosen.runtime == max(chosen.images_per_s, key=chosen.images_per_s.get)
     listed = s3.list_objects_v2(Bucket="dvc", Prefix=f"torchserve/{product}/")["Contents"]
     assert [o["Key"] for o in listed] == [key]
     s3.download_file("dvc", key, str(tmp_path / "champion.mar"))
     manifest = read_manifest(tmp_path / "champion.mar")
     assert (manifest["model_name"], manifest["model_version"]) == (f"tfanet-{product}", "1")
+    assert manifest["runtime"] == chosen.runtime and (manifest["export"] is None) == (chosen.runtime == "torch")
     assert manifest["source"] == {
         "kind": "mlflow",
         "model": f"tfanet-{product}",

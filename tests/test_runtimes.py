@@ -28,6 +28,8 @@ from tfanet_core.runtimes import (
     export_bundle,
     probe_images,
     read_manifest,
+    threads_per_worker,
+    usable_cores,
     verify_export,
 )
 from tfanet_core.threshold import Threshold
@@ -226,3 +228,17 @@ def test_openvino_splits_a_batch_over_one_stream_per_thread(exports: dict[str, P
     assert isinstance(runner, OpenVINORunner) and list(runner._compiled) == [(3, 2)]
     split.scores(images[:1])  # a single image keeps both threads on one request
     assert list(runner._compiled) == [(3, 2), (1, 1)]
+
+
+def test_worker_threads_follow_the_cpu_limit_not_the_machines_core_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr("tfanet_core.runtimes.CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)), raising=False)
+    cpu_max.write_text("max 100000\n")  # no limit: the affinity mask counts
+    assert usable_cores() == 64 and threads_per_worker(4) == 16
+    cpu_max.write_text("250000 100000\n")  # a pod limited to 2.5 CPUs: 2 threads, not 64
+    assert usable_cores() == 2 and threads_per_worker(1) == 2 and threads_per_worker(4) == 1
+    cpu_max.unlink()  # no cgroup v2 controller
+    assert usable_cores() == 64

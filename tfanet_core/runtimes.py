@@ -54,6 +54,7 @@ OPSET = 20
 # Max |score_runtime − score_torch| / |score_torch| over the probe set; the same fp32 maths in another order
 # stays near 1e-6 (benchmarks/results/perf.md), so 1e-5 leaves room for kernels without hiding a real change.
 PARITY_TOLERANCE = 1e-5
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>": a container's CPU limit
 
 
 class ExportError(ValueError):
@@ -168,6 +169,26 @@ def compare_scores(
 
 
 # --- running an export ----------------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's CPU
+    limit, which ``os.cpu_count()`` ignores: a pod limited to 2 CPUs on a 64-core node would start 64
+    threads per worker and spend its quota waiting)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the affinity mask is the limit
+    return cores
+
+
+def threads_per_worker(workers: int) -> int:
+    """Intra-op threads of each of ``workers`` serving processes: the usable cores shared out, so that the
+    workers' thread pools never oversubscribe them (oversubscribed pools spin against each other)."""
+    return max(1, usable_cores() // max(1, workers))
 
 
 class ExportedModel:

@@ -4,7 +4,7 @@ The archive holds the bundle unchanged under ``bundle/`` (so the handler loads i
 loader, ``load_bundle``), the bundle's parity-checked export under ``export/`` when it is served on an
 exported runtime (ONNX Runtime, OpenVINO), ``payload.py`` beside the handler, and ``serving.json``:
 product, model version (= the MLflow registry version once the registry step passes it), runtime,
-threads per worker and where the bundle came from. The TorchServe model version is the same string,
+workers and where the bundle came from. The TorchServe model version is the same string,
 so ``/predictions/tfanet-<product>/<version>`` and the ``model_version`` field of every response name the
 registry version.
 """
@@ -55,11 +55,6 @@ def _archiver() -> Path:
     return exe
 
 
-def threads_per_worker(workers: int) -> int:
-    """Intra-op threads of each of ``workers`` TorchServe workers: the cores shared out, never oversubscribed."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 def build_archive(
     bundle: Path | str,
     product: str,
@@ -78,9 +73,9 @@ def build_archive(
     bundle's path is recorded. The file is replaced atomically, so a server never reads half of it.
 
     ``export``: an export directory of this bundle (``tfanet export``; the deploy gate has checked it): the
-    handler then runs it instead of torch. ``workers``: TorchServe workers of this version; each gets
-    ``cores // workers`` intra-op threads, so that workers × threads never exceeds the cores (oversubscribed
-    runtime thread pools spin against each other and every request gets slower).
+    handler then runs it instead of torch. ``workers``: TorchServe workers of this version; the handler
+    gives each ``usable cores // workers`` intra-op threads, counted on the machine that serves
+    (``tfanet_core.runtimes.threads_per_worker``), so that workers × threads never exceeds its cores.
     """
     bundle = Path(bundle).resolve()
     if not _NAME.match(product):
@@ -104,7 +99,7 @@ def build_archive(
             "profile": meta.get("config", {}).get("profile"),
         },
         "runtime": exported["runtime"] if exported else "torch",
-        "threads": threads_per_worker(workers),
+        "workers": workers,
         "export": {k: exported[k] for k in ("format", "runtime_version", "bundle_sha256", "parity")}
         if exported
         else None,

@@ -1,8 +1,8 @@
 """TorchServe handler for one product's TFA-Net: a thin adapter between TorchServe and the predictor.
 
 The archive (see ``archive.py``) holds the bundle under ``bundle/``, its export under ``export/`` when
-it is served on ONNX Runtime or OpenVINO, ``serving.json`` (product, model version, runtime, threads per
-worker, where the model came from) and ``payload.py``, the server-agnostic request parsing
+it is served on ONNX Runtime or OpenVINO, ``serving.json`` (product, model version, runtime, workers,
+where the model came from) and ``payload.py``, the server-agnostic request parsing
 and response building. This file only maps TorchServe's batch and context onto those two and onto
 ``tfanet_core.predictor.Predictor``: the same loader and inference as the CLI and evaluation.
 
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tfanet_core.predictor import Predictor
+from tfanet_core.runtimes import threads_per_worker
 
 try:
     from .payload import ParsedRequest, RequestError, build_response, parse_request
@@ -50,8 +51,8 @@ class TFANetHandler:
         gpu = props.get("gpu_id")
         device = f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu"
         runtime = manifest.get("runtime", "torch") if device == "cpu" else "torch"
-        if manifest.get("threads"):
-            torch.set_num_threads(int(manifest["threads"]))  # cores // workers: the runtimes use as many
+        # Counted here, on the serving machine (a pod's CPU limit included), not where the archive was built.
+        torch.set_num_threads(threads_per_worker(int(manifest.get("workers", 1))))  # the exports use as many
         self.predictor = Predictor.from_bundle(
             model_dir / BUNDLE_DIR,
             device=device,
