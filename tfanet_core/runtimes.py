@@ -283,7 +283,7 @@ class OpenVINORunner:
             x = np.concatenate([x, np.repeat(x[-1:], per_stream * streams - n, axis=0)])
         compiled, requests = self._requests(per_stream, streams)
         for i, request in enumerate(requests):
-            request.start_async({"images": x[i * per_stream : (i + 1) * per_stream]})
+            request.start_async({"images": x[i * per_stream : (i + 1) * per_stream]}, share_inputs=True)
         for request in requests:
             request.wait()
         score, amap, templates = (
