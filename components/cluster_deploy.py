@@ -272,14 +272,8 @@ def deploy_in_cluster(
 
     published = publish(product, version, model_bucket, s3, registry, paths)
     runtime: ServingRuntime = published["runtime"]
-    recorded = {
-        "runtime": runtime.to_json(),
-        "export_parity": runtime.gate.to_json() if runtime.gate is not None else None,
-        "archive": published["archive"],
-    }
-    tags = {"deploy.decided_at": _now(), "deploy.runtime": json.dumps(recorded["runtime"])}
-    if recorded["export_parity"] is not None:
-        tags["deploy.export_parity"] = json.dumps(recorded["export_parity"])
+    recorded = {**runtime.record(), "archive": published["archive"]}
+    tags = {"deploy.decided_at": _now(), **runtime.tags()}
     if runtime.failure is not None:
         where = f"v{previous} keeps serving" if previous else "nothing is served"
         reason = f"export gate failed for v{version}: {runtime.failure}; {where}"

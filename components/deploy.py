@@ -174,22 +174,16 @@ class _Served:
 
     def fields(self) -> dict[str, Any]:
         """The :class:`DeployDecision` fields that record this attempt."""
-        return {
-            "parity_max_abs_diff": self.max_abs_diff,
-            "export_parity": self.runtime.gate.to_json() if self.runtime.gate is not None else None,
-            "runtime": self.runtime.to_json(),
-            "archive": str(self.archive) if self.archive else None,
-        }
+        archive = str(self.archive) if self.archive else None
+        return {"parity_max_abs_diff": self.max_abs_diff, **self.runtime.record(), "archive": archive}
 
     def tags(self) -> dict[str, str]:
         """The model version's tags that record this attempt."""
-        gate = self.fields()["export_parity"]
         return {
             "deploy.parity_max_abs_diff": f"{self.max_abs_diff:.3g}",
             "deploy.archive": self.archive.name if self.archive else "none",
             "deploy.decided_at": _now(),
-            "deploy.runtime": json.dumps(self.runtime.to_json()),
-            **({"deploy.export_parity": json.dumps(gate)} if gate else {}),
+            **self.runtime.tags(),
         }
 
 

@@ -12,6 +12,7 @@ TorchServe's batching.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,18 @@ class ServingRuntime:
             "images_per_s": {k: round(v, 2) for k, v in self.images_per_s.items()},
             "refused": self.refused,
         }
+
+    def record(self) -> dict[str, Any]:
+        """What a deploy decision keeps of it: the choice, and the chosen export's gate (None on torch)."""
+        return {"runtime": self.to_json(), "export_parity": self.gate.to_json() if self.gate is not None else None}
+
+    def tags(self) -> dict[str, str]:
+        """The same as model-version tags: ``deploy.runtime``, and ``deploy.export_parity`` where a gate ran."""
+        record = self.record()
+        tags = {"deploy.runtime": json.dumps(record["runtime"])}
+        if record["export_parity"] is not None:
+            tags["deploy.export_parity"] = json.dumps(record["export_parity"])
+        return tags
 
 
 def _gated_export(
