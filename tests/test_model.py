@@ -7,7 +7,7 @@ import torch
 
 from tfanet_core.config import load_config, profile_names
 from tfanet_core.info import model_info
-from tfanet_core.model import TemplateAggregator, patchify, sincos_pos_embed, unpatchify
+from tfanet_core.model import TemplateAggregator, block_at, patchify, sincos_pos_embed, unpatchify
 
 
 def test_patchify_lays_tokens_out_p_q_c_and_inverts() -> None:
@@ -120,3 +120,19 @@ def test_inference_blends_cached_bank_tokens_like_training_blends_features() -> 
     with torch.enable_grad():
         blended = model(features, templates=index)
     assert torch.allclose(cached, blended.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_at_rows_equals_the_whole_block_there() -> None:
+    """TFAM's last block runs only at the rows kept for FDRM: same values and gradients as the whole block,
+    and the input rows it skips get no gradient from those rows anyway."""
+    model = TemplateAggregator(load_config("tiny").model, 8, 16).train()
+    block = model.tfam[-1]
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    keep = [0, 5, 6, 7, 8]
+    whole = block(x)[:, keep]
+    part = block_at(block, x, x[:, keep])
+    assert torch.allclose(part, whole, rtol=1e-6, atol=1e-6)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    (grad_part,) = torch.autograd.grad(part.square().sum(), x)
+    assert torch.allclose(grad_part, grad_whole, rtol=1e-5, atol=1e-6)
+    assert grad_part[:, 1:5].abs().sum() > 0  # the dropped rows still feed the kept ones as keys and values
