@@ -3,8 +3,8 @@
 Registered in the ``tfanet.commands`` entry-point group (pyproject.toml). The TorchServe to talk to
 is the one started from ``--state-dir`` (``python -m infra.local.torchserve start``); MLflow is
 whatever ``MLFLOW_TRACKING_URI`` names. Serving settings come from the product's ``serving:``
-section of params.yaml, the probe images from the test split of its dataset (``deploy.probe_count``
-of them, normal and defective alternating) unless ``--probe`` names them. Prints the decision as
+section of params.yaml, the probe images from the test split of the prepare step's manifest
+(``deploy.probe_count`` of them, normal and defective alternating) unless ``--probe`` names them. Prints the decision as
 JSON and writes it to ``RUNS/<product>/deploy.json``; exits 1 when parity refused the champion (the
 old default keeps serving, but a champion that serves other scores than its bundle needs a look).
 """
@@ -18,23 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.params import ProductSettings, load_params, product_section
+from components.params import load_params, product_section
 from tfanet_core.errors import TfanetError
 
 DEFAULT_PROBE_COUNT = 4
-
-
-def probe_images(data_root: Path, category: str, count: int) -> list[Path]:
-    """``count`` test images of ``category``, normal and defective alternating: scores across the range."""
-    from tfanet_core.data.layouts import discover
-
-    test = [s for s in discover(data_root, category) if s.split == "test"]
-    good = [s.path for s in test if not s.is_anomalous]
-    bad = [s.path for s in test if s.is_anomalous]
-    mixed = [p for pair in zip(good, bad, strict=False) for p in pair] + good[len(bad) :] + bad[len(good) :]
-    if not mixed:
-        raise TfanetError(f"no test images of {category} under {data_root}: pass --probe PATH instead")
-    return mixed[: max(1, count)]
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,10 +33,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     deploy_params = params.get("deploy") or {}
     if args.probe:
         probes = list(args.probe)
-    else:
+    else:  # the prepare step's test split, as register read it
+        from components.steps import ProductPaths, prepared_manifest
+
         data_root = Path(args.data or (params.get("data") or {}).get("root", "data/synth"))
-        category = ProductSettings.of(args.product, section).category
-        probes = probe_images(data_root, category, int(deploy_params.get("probe_count", DEFAULT_PROBE_COUNT)))
+        manifest = prepared_manifest(data_root, ProductPaths.of(args.runs, args.product))
+        probes = manifest.probe_images(int(deploy_params.get("probe_count", DEFAULT_PROBE_COUNT)))
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise TfanetError(
             "MLFLOW_TRACKING_URI is not set: start the stack and export its env: "

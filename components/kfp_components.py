@@ -312,33 +312,36 @@ def deploy(
     torchserve_namespace: str,
     mlflow_tracking_uri: str,
     s3_endpoint: str,
+    manifest: Input[Dataset],
     decision: Output[Markdown],
 ) -> str:
     """Serve the registry's champion on the product's TorchServe in the cluster, if it passes parity there.
 
     Publishes its ``.mar`` to ``s3://<model_bucket>/torchserve/<product>/``, restarts
-    ``deployment/torchserve-<product>`` in ``torchserve_namespace``, scores the probe images (test split
-    of the dataset, ``deploy.probe_count``) through the pod's inference gateway and compares them with
-    the bundle's scores (``deploy.tolerance``); on a difference it rolls back to the previous deployed
-    version (:mod:`components.cluster_deploy`). Returns the decision's status; the Markdown output and
-    the model version's ``deploy.*`` tags say why.
+    ``deployment/torchserve-<product>`` in ``torchserve_namespace``, scores the probe images (the
+    manifest's test split, ``deploy.probe_count``, chosen as the register step chose its own) through the
+    pod's inference gateway and compares them with the bundle's scores (``deploy.tolerance``); on a
+    difference it rolls back to the previous deployed version (:mod:`components.cluster_deploy`). Returns
+    the decision's status; the Markdown output and the model version's ``deploy.*`` tags say why.
     """
     import json
     import tempfile
     from pathlib import Path
 
     from components.cluster_deploy import KubernetesRollout, deploy_in_cluster, gateway_url, markdown
-    from components.deploy_cli import DEFAULT_PROBE_COUNT, probe_images
+    from components.deploy_cli import DEFAULT_PROBE_COUNT
     from components.kfp_io import fetch_dataset
     from components.params import ProductSettings
     from components.serving.parity import DEFAULT_TOLERANCE
+    from components.steps import ProductPaths, prepared_manifest
     from components.storage import s3_for
 
     settings = json.loads(deploy_settings)
     category = ProductSettings.of(product, json.loads(params)).category
     with tempfile.TemporaryDirectory(prefix="tfanet-deploy-") as tmp:
         data_root = fetch_dataset(dataset_uri, category, Path(tmp), s3_endpoint)
-        probes = probe_images(data_root, category, int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))
+        rows = prepared_manifest(data_root, ProductPaths(Path(manifest.path)))
+        probes = rows.probe_images(int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))
         record = deploy_in_cluster(
             product,
             model_bucket=model_bucket,

@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "features",
     "prepare",
+    "prepared_manifest",
     "register",
     "template",
     "train",
@@ -201,7 +202,7 @@ def validate(data_root: Path | str, rules: Mapping[str, Any], paths: ProductPath
 # --- features, template, train ----------------------------------------------------------------------------
 
 
-def _manifest(data_root: Path | str, paths: ProductPaths) -> Manifest:
+def prepared_manifest(data_root: Path | str, paths: ProductPaths) -> Manifest:
     """The prepare step's manifest: the one split every later step trains, selects and calibrates on."""
     if not paths.manifest.is_file():
         raise DataError(f"{paths.manifest} is missing: run the prepare step first (dvc repro)")
@@ -217,7 +218,7 @@ def features(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.features import FeatureExtractor, extract_features
     from tfanet_core.geometry import resolve_geometry
 
-    manifest = _manifest(data_root, paths)
+    manifest = prepared_manifest(data_root, paths)
     config = resolve_geometry(ProductSettings.of(product, section).config, manifest)
     cache = FeatureCache(paths.features)
     images = sorted(s.path for split in ("train", "val") for s in manifest.samples(split))
@@ -235,7 +236,7 @@ def template(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.workflow import template_record
 
     config = ProductSettings.of(product, section).config
-    record = template_record(_manifest(data_root, paths), config, cache_dir=paths.features)
+    record = template_record(prepared_manifest(data_root, paths), config, cache_dir=paths.features)
     write_choice(record, paths.template)
     return record
 
@@ -248,7 +249,7 @@ def train(data_root: Path | str, product: str, section: Mapping[str, Any], paths
     from tfanet_core.workflow import train_manifest
 
     bundle = train_manifest(
-        _manifest(data_root, paths),
+        prepared_manifest(data_root, paths),
         ProductSettings.of(product, section).config,
         paths.model,
         checkpoint_dir=paths.checkpoints,
@@ -273,7 +274,7 @@ def evaluate(data_root: Path | str, product: str, section: Mapping[str, Any], pa
     from tfanet_core.evaluate import SCORES_FILE
     from tfanet_core.evaluate import evaluate as evaluate_bundle
 
-    manifest = _manifest(data_root, paths)
+    manifest = prepared_manifest(data_root, paths)
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
         metrics = evaluate_bundle(paths.model, data_root, manifest.category, tmp, manifest=manifest)
         for out in (paths.plots, paths.overlays):
@@ -304,7 +305,7 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
     from tfanet_core.workflow import calibrate_bundle, split_features
 
     config = ProductSettings.of(product, section).config
-    manifest = _manifest(data_root, paths)
+    manifest = prepared_manifest(data_root, paths)
     bundle = load_bundle(paths.model)
     bundle.config = dataclasses.replace(bundle.config, calibration=config.calibration)
     extractor = FeatureExtractor(bundle.config.features)
@@ -344,13 +345,8 @@ def calibrate(data_root: Path | str, product: str, section: Mapping[str, Any], p
 
 # --- register --------------------------------------------------------------------------------------------
 
-
-def _probe_images(manifest: Manifest) -> list[Path]:
-    """One normal and one defective test image: what the registered model must score like the bundle."""
-    test = manifest.samples("test")
-    good = [s.path for s in test if not s.is_anomalous][:1]
-    bad = [s.path for s in test if s.is_anomalous][:1]
-    return good + bad
+#: Test images the registered pyfunc model must score like the bundle: one normal and one defective.
+REGISTER_PROBE_COUNT = 2
 
 
 def _champion_on_dataset(
@@ -415,8 +411,8 @@ def register(
             'eval "$(python -m infra.local.stack env)"'
         )
     dataset = _dataset(paths)
-    manifest = _manifest(data_root, paths)
-    probes = _probe_images(manifest)
+    manifest = prepared_manifest(data_root, paths)
+    probes = manifest.probe_images(REGISTER_PROBE_COUNT)
     champion_metrics = _champion_on_dataset(data_root, product, section, manifest, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         evaluation = Path(tmp) / "evaluation"

@@ -18,7 +18,7 @@ tolerations are pipeline parameters) and is retried, resuming from the checkpoin
 also runs without a cluster (:mod:`pipelines.local`); its resource requests are ignored there.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
 
@@ -35,6 +35,7 @@ __all__ = [
     "S3_SECRET",
     "TORCHSERVE_NAMESPACE",
     "TRAIN_RETRIES",
+    "Chain",
     "Registered",
     "multi_product_pipeline",
     "retrain_on_drift_pipeline",
@@ -57,6 +58,13 @@ GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 TRAIN_RETRIES = 3  # preemptions survived per run; each retry resumes from the last mirrored checkpoint
 S3_SECRET = "tfanet-s3-credentials"  # infra/k8s/secrets/s3-credentials.env.example
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+class Chain(NamedTuple):
+    """What :func:`training_chain` hands on: the register task and the manifest the chain trained on."""
+
+    registered: dsl.PipelineTask
+    manifest: Any
 
 
 class Registered(NamedTuple):
@@ -90,8 +98,9 @@ def training_chain(
     checkpoint_root: str,
     gpu_node_selector: dict,
     gpu_tolerations: list,
-) -> dsl.PipelineTask:
-    """The seven steps of one product; returns the register task (outputs ``version``, ``decision``)."""
+) -> Chain:
+    """The seven steps of one product: the register task (outputs ``version``, ``decision``) and the
+    manifest artifact, which the deploy reads its probe images from."""
     data = _data(product, dataset_uri, dataset_version, params, s3_endpoint)
     validated = _cpu(steps.validate(**data, rules=validate_rules))
     manifest = validated.outputs["manifest"]
@@ -127,7 +136,7 @@ def training_chain(
         evaluation=evaluated.outputs["evaluation"],
         bundle=bundle,
     )
-    return _cpu(registered).set_caching_options(False)
+    return Chain(_cpu(registered).set_caching_options(False), manifest)
 
 
 def _s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -140,16 +149,17 @@ def _cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def _deploy_if_promoted(
-    registered: dsl.PipelineTask,
+    chain: Chain,
     data: dict,
     deploy_settings: str,
     model_bucket: str,
     torchserve_namespace: str,
     mlflow_tracking_uri: str,
 ) -> None:
-    with dsl.If(registered.outputs["decision"] == "promoted", name="promoted"):
+    with dsl.If(chain.registered.outputs["decision"] == "promoted", name="promoted"):
         deployed = steps.deploy(
             **data,
+            manifest=chain.manifest,
             deploy_settings=deploy_settings,
             model_bucket=model_bucket,
             torchserve_namespace=torchserve_namespace,
@@ -186,7 +196,7 @@ def training_pipeline(
         checkpoint_root,
         gpu_node_selector,
         gpu_tolerations,
-    )
+    ).registered
     return Registered(registered.outputs["version"], registered.outputs["decision"])
 
 
@@ -211,7 +221,7 @@ def multi_product_pipeline(
 ) -> None:
     """``products``: ``[{"product": "fabric", "params": "<its params.yaml section as JSON>"}, ...]``."""
     with dsl.ParallelFor(products, name="products") as item:
-        registered = training_chain(
+        chain = training_chain(
             item.product,
             dataset_uri,
             dataset_version,
@@ -226,7 +236,7 @@ def multi_product_pipeline(
             gpu_tolerations,
         )
         data = _data(item.product, dataset_uri, dataset_version, item.params, s3_endpoint)
-        _deploy_if_promoted(registered, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)
+        _deploy_if_promoted(chain, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)
 
 
 @dsl.pipeline(
@@ -250,7 +260,7 @@ def retrain_on_drift_pipeline(
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_tolerations: list = GPU_TOLERATIONS,
 ) -> None:
-    registered = training_chain(
+    chain = training_chain(
         product,
         dataset_uri,
         dataset_version,
@@ -265,4 +275,4 @@ def retrain_on_drift_pipeline(
         gpu_tolerations,
     )
     data = _data(product, dataset_uri, dataset_version, params, s3_endpoint)
-    _deploy_if_promoted(registered, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)
+    _deploy_if_promoted(chain, data, deploy_settings, model_bucket, torchserve_namespace, mlflow_tracking_uri)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,21 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def synth_probes(synth_root: Path) -> Callable[[str, int], list[Path]]:
+    """``(category, count)`` → the probe images register and deploy score: the synthetic product's manifest's."""
+    from tfanet_core.data.manifest import Manifest, build_manifest
+
+    manifests: dict[str, Manifest] = {}
+
+    def probes(category: str, count: int) -> list[Path]:
+        if category not in manifests:
+            manifests[category] = build_manifest(synth_root, category, progress=False)
+        return manifests[category].probe_images(count)
+
+    return probes
 
 
 @pytest.fixture

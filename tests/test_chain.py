@@ -88,12 +88,11 @@ def _latest_version(project: DvcProject, product: str) -> int:
 
 def _probes(project: DvcProject, product: str) -> list[Path]:
     """The probe images the register step chose: from the prepare step's manifest, the one split."""
-    from components.steps import _probe_images
+    from components.steps import REGISTER_PROBE_COUNT
     from tfanet_core.data.manifest import Manifest
 
-    return _probe_images(
-        Manifest.read(project.root / "runs" / product / "manifest.csv", project.root / "data" / "synth")
-    )
+    manifest = Manifest.read(project.root / "runs" / product / "manifest.csv", project.root / "data" / "synth")
+    return manifest.probe_images(REGISTER_PROBE_COUNT)
 
 
 def test_first_run_trains_registers_and_promotes(project: DvcProject, first_run: FirstRun) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,6 @@ from mlflow import MlflowClient
 
 from components.cluster_deploy import deploy_in_cluster, markdown
 from components.deploy import deploy_history
-from components.deploy_cli import probe_images
 from components.inference_gateway import make_server
 from components.naming import registered_model_name, torchserve_model_name
 from components.serving.archive import build_archive
@@ -70,7 +69,12 @@ def gateway(torchserve: Path) -> Iterator[str]:
 
 @pytest.mark.server
 def test_cluster_deploy_goes_live_on_parity_and_rolls_back_an_altered_archive(
-    tracking: str, local_stack, torchserve: Path, gateway: str, bundles: dict[str, Path], synth_root: Path
+    tracking: str,
+    local_stack,
+    torchserve: Path,
+    gateway: str,
+    bundles: dict[str, Path],
+    synth_probes: Callable[[str, int], list[Path]],
 ) -> None:
     env = local_stack.client_env()
     s3 = s3_client(S3Settings.from_env(env))
@@ -79,7 +83,7 @@ def test_cluster_deploy_goes_live_on_parity_and_rolls_back_an_altered_archive(
     registry = MlflowClient()
     product = f"fabric-{uuid.uuid4().hex[:8]}"
     name, reg_name = torchserve_model_name(product), registered_model_name(product)
-    probes = probe_images(synth_root, "fabric", 2)
+    probes = synth_probes("fabric", 2)
     a, b = bundles["a"], bundles["b"]
     altered: dict[str, Path] = {}  # version -> the bundle its archive is replaced with before the next pod start
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from mlflow import MlflowClient
 
 import components.deploy as deploy_module
 from components.deploy import DeployDecision, ServingParams, deploy, deploy_history, rollback
-from components.deploy_cli import probe_images
 from components.naming import registered_model_name
 from components.promotion import GatePolicy, promote
 from components.serving.archive import read_manifest
@@ -73,13 +73,13 @@ def _registered(client: TorchServeClient, product: str) -> list[str]:
     return sorted(v["modelVersion"] for v in client.versions(f"tfanet-{product}"))
 
 
-def test_serving_params_and_probe_selection(synth_root: Path) -> None:
+def test_serving_params_and_probe_selection(synth_probes: Callable[[str, int], list[Path]]) -> None:
     assert ServingParams.from_params({"batch_size": 4, "max_batch_delay_ms": 20}) == ServingParams(4, 20)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batchsize'\] in params.yaml 'serving'"):
         ServingParams.from_params({"batchsize": 4})
     with pytest.raises(ValueError, match="keep_versions must be >= 1"):
         ServingParams(keep_versions=0)
-    probes = probe_images(synth_root, "fabric", 4)
+    probes = synth_probes("fabric", 4)
     assert len(probes) == 4
     assert [p.parent.name == "good" for p in probes] == [True, False, True, False]
 
@@ -90,6 +90,7 @@ def test_deploy_gate_rollback_and_two_products(
     torchserve: Path,
     bundles: dict[str, Path],
     synth_root: Path,
+    synth_probes: Callable[[str, int], list[Path]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -100,7 +101,7 @@ def test_deploy_gate_rollback_and_two_products(
     registry = MlflowClient()
     product = f"fabric-{uuid.uuid4().hex[:8]}"  # a registry of its own
     name = registered_model_name(product)
-    probes = probe_images(synth_root, "fabric", 2)  # one good, one defective
+    probes = synth_probes("fabric", 2)  # one good, one defective
     serving = ServingParams(keep_versions=1)  # only the default stays registered: rollback must re-register
     kwargs: dict[str, Any] = {"serving": serving}
     a, b = bundles["fabric-a"], bundles["fabric-b"]
@@ -169,7 +170,7 @@ def test_deploy_gate_rollback_and_two_products(
 
     # a second product, deployed through the CLI, served beside the first
     other = f"bracket-{uuid.uuid4().hex[:8]}"
-    other_probes = probe_images(synth_root, "bracket", 2)
+    other_probes = synth_probes("bracket", 2)
     log_training_run(other, bundles["bracket"], metrics=base, dataset_version="ds-1")
     assert promote(other, policy=policy).promoted
     params = tmp_path / "params.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -288,13 +289,17 @@ def test_submit_to_an_unreachable_host_and_with_a_bad_parameter_fails_clearly() 
 @pytest.mark.server
 @pytest.mark.slow
 def test_training_pipeline_runs_locally_registers_and_publishes(
-    local_stack, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    local_stack,
+    synth_root: Path,
+    synth_probes: Callable[[str, int], list[Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
 ) -> None:
     """`tfanet pipeline run-local`: kfp.local, tiny profile, a few epochs, the dataset read from the local S3."""
     from mlflow import MlflowClient
 
     from components.cluster_deploy import publish
-    from components.deploy_cli import probe_images
     from components.serving.archive import read_manifest
     from components.storage import S3Settings, s3_client, upload_dir
     from tfanet_core.cli import main
@@ -348,7 +353,7 @@ def test_training_pipeline_runs_locally_registers_and_publishes(
     # The deploy component's first move (a cluster-only task): the champion's archive alone under the product's prefix.
     stale = f"torchserve/{product}/tfanet-{product}-v0.mar"
     s3.put_object(Bucket="dvc", Key=stale, Body=b"old")
-    record = publish(product, "1", "dvc", s3, client, probe_images(synth_root, "fabric", 2))
+    record = publish(product, "1", "dvc", s3, client, synth_probes("fabric", 2))
     key = f"torchserve/{product}/tfanet-{product}-v1.mar"
     assert record["archive"] == f"s3://dvc/{key}" and record["removed"] == [f"s3://dvc/{stale}"]
     chosen = record["runtime"]  # no serving.runtime in a trained bundle: the fastest in parity, timed here

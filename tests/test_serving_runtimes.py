@@ -9,6 +9,7 @@ import json
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,6 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from components.deploy import deploy
-from components.deploy_cli import probe_images
 from components.naming import torchserve_model_name
 from components.promotion import GatePolicy, promote
 from components.serving import server
@@ -123,14 +123,18 @@ def test_torchserve_serves_the_exported_model(
 
 @pytest.mark.server
 def test_deploy_serves_the_export_and_refuses_an_altered_one(
-    tracking: str, torchserve: Path, served_bundle: Path, synth_root: Path, tmp_path: Path
+    tracking: str,
+    torchserve: Path,
+    served_bundle: Path,
+    synth_probes: Callable[[str, int], list[Path]],
+    tmp_path: Path,
 ) -> None:
     client = TorchServeClient.from_state_dir(torchserve)
     store = torchserve / "model_store"
     registry = MlflowClient()
     product = f"fabric-{uuid.uuid4().hex[:8]}"
     name = registered_model_name(product)
-    probes = probe_images(synth_root, "fabric", 2)
+    probes = synth_probes("fabric", 2)
     metrics = {"image_auroc": 0.9}
     policy = GatePolicy(metrics=("image_auroc",))
 
@@ -177,9 +181,12 @@ def test_deploy_serves_the_export_and_refuses_an_altered_one(
 
 
 def test_without_a_serving_runtime_the_fastest_in_parity_serves(
-    fabric_bundle: Path, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fabric_bundle: Path,
+    synth_probes: Callable[[str, int], list[Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    probes = probe_images(synth_root, "fabric", 2)
+    probes = synth_probes("fabric", 2)
     assert not load_bundle(fabric_bundle).serving  # what training writes: no runtime chosen
     chosen = export_for_serving(fabric_bundle, None, tmp_path / "all", probes, batch_size=3, threads=1)
     assert chosen.chosen_by == "measured" and (chosen.batch_size, chosen.threads) == (3, 1)
@@ -207,7 +214,9 @@ def test_without_a_serving_runtime_the_fastest_in_parity_serves(
     assert without.failure is None  # a refused candidate does not refuse the deploy
 
 
-def test_a_bundle_that_names_its_runtime_is_served_on_it(served_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
-    chosen = export_for_serving(served_bundle, None, tmp_path, probe_images(synth_root, "fabric", 2))
+def test_a_bundle_that_names_its_runtime_is_served_on_it(
+    served_bundle: Path, synth_probes: Callable[[str, int], list[Path]], tmp_path: Path
+) -> None:
+    chosen = export_for_serving(served_bundle, None, tmp_path, synth_probes("fabric", 2))
     assert (chosen.runtime, chosen.chosen_by, chosen.images_per_s) == ("openvino", "bundle", {})
     assert chosen.gate is not None and chosen.gate.passed

@@ -126,6 +126,20 @@ class Manifest:
             if split is None or r.split == split
         ]
 
+    def probe_images(self, count: int, root: Path | str | None = None) -> list[Path]:
+        """``count`` test images, normal and defective alternating (by path): scores on both sides of a threshold.
+
+        What every step that checks a model's scores against its bundle's scores them on (register, deploy,
+        the cluster deploy): chosen here, from the one split, so they are the same images wherever they are read.
+        """
+        test = self.samples("test", root)
+        good = [s.path for s in test if not s.is_anomalous]
+        bad = [s.path for s in test if s.is_anomalous]
+        mixed = [p for pair in zip(good, bad, strict=False) for p in pair] + good[len(bad) :] + bad[len(good) :]
+        if not mixed:
+            raise DataError(f"this manifest of {self.category} has no test images to probe a model with")
+        return mixed[: max(1, count)]
+
     def write(self, path: Path | str) -> None:
         """CSV with a header row, list columns joined with ``;``; written atomically (DVC may watch it)."""
         path = Path(path)
