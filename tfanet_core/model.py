@@ -15,7 +15,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from tfanet_core.config import ModelConfig
@@ -70,7 +70,7 @@ def drop_random_tokens(tokens: torch.Tensor, ratio: float, generator: torch.Gene
     return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, d))
 
 
-def block_at(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def block_at(block: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``block(x)`` at the tokens ``rows`` (a subset of ``x``'s rows) only: every token of ``x`` is attended to,
     only ``rows`` attend.
 
@@ -79,21 +79,22 @@ def block_at(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     a ``cpu`` image, in training and inference alike. A pre-norm block is row-wise everywhere but in the
     attention, hence the same numbers as ``block(x)`` at those rows, up to float rounding.
     """
-    attn = block.attn
+    vit = cast(Block, block)
+    attn = cast(Attention, vit.attn)
     if getattr(attn, "gate", None) is not None:
         raise NotImplementedError("block_at covers timm's plain pre-norm Block, not a gated attention")
     b, n, dim = rows.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q_bias, kv_bias = (None, None) if bias is None else (bias[:dim], bias[dim:])
-    q = F.linear(block.norm1(rows), weight[:dim], q_bias).reshape(b, n, heads, head_dim).transpose(1, 2)
-    kv = F.linear(block.norm1(x), weight[dim:], kv_bias).reshape(b, x.shape[1], 2, heads, head_dim)
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    qkv = cast(nn.Linear, attn.qkv)
+    q_bias, kv_bias = (None, None) if qkv.bias is None else (qkv.bias[:dim], qkv.bias[dim:])
+    q = F.linear(vit.norm1(rows), qkv.weight[:dim], q_bias).reshape(b, n, heads, head_dim).transpose(1, 2)
+    kv = F.linear(vit.norm1(x), qkv.weight[dim:], kv_bias).reshape(b, x.shape[1], 2, heads, head_dim)
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if block.training else 0.0
+    dropout = float(cast(nn.Dropout, attn.attn_drop).p) if vit.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, n, dim)
-    rows = rows + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
-    return rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
+    rows = rows + vit.drop_path1(vit.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+    return rows + vit.drop_path2(vit.ls2(vit.mlp(vit.norm2(rows))))
 
 
 #: Side of the pooled feature grid a template bank is searched on: coarse enough to ignore small defects and
