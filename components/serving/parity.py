@@ -190,7 +190,8 @@ def export_for_serving(
     runtime is fastest depends on the CPU, the profile and the batch size (benchmarks/results/perf.md), so
     it is measured where it is decided rather than fixed in a default.
     """
-    reference = Predictor(load_bundle(bundle), device="cpu", runtime="torch")
+    # The torch reference scores a serving batch in one call too, as the exports do (its default batch is 8).
+    reference = Predictor(load_bundle(bundle), device="cpu", batch_size=max(1, batch_size), runtime="torch")
     size, work = reference.image_size, Path(work)
     normals = torch.stack([image_to_tensor(load_rgb(Path(p)), size) for p in probe_images])
     wanted = reference.bundle.serving.get("runtime")
