@@ -43,7 +43,7 @@ from tfanet_core.features import FeatureExtractor, extract_features
 from tfanet_core.metrics import image_auroc
 from tfanet_core.model import TemplateAggregator
 from tfanet_core.predictor import FAST_PATH_TOLERANCE, INT8_AUROC_TOLERANCE, INT8_TOLERANCE, Predictor
-from tfanet_core.runtimes import PARITY_TOLERANCE, RUNTIMES, export_bundle, format_of, runtime_version
+from tfanet_core.runtimes import PARITY_TOLERANCE, RUNTIMES, export_bundle, format_of, runtime_version, settle
 
 # The goals the issues set, checked against the figures in every run (the tolerances they check against are
 # the product's own, in tfanet_core.predictor and tfanet_core.runtimes).
@@ -115,13 +115,16 @@ def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, threads: int) ->
     """Each function once per round, in turn, so all see the same mix of machine load; best/median per function.
 
     On a shared machine a variant timed alone can look fast or slow only because of what else ran then;
-    interleaving makes the comparison (and the GEMM roofline measured among them) fair.
+    interleaving makes the comparison (and the GEMM roofline measured among them) fair. Each timed call
+    follows an untimed one of the same function (:func:`tfanet_core.runtimes.settle`): another runtime's
+    threads still spinning from the call before would otherwise be billed to it.
     """
     walls: dict[str, list[float]] = {name: [] for name in fns}
     cpus: dict[str, list[float]] = {name: [] for name in fns}
     outputs: dict[str, Any] = {}
     for _ in range(max(1, rounds)):
         for name, fn in fns.items():
+            settle(fn)
             cpu, wall = time.process_time(), time.perf_counter()
             outputs[name] = fn()
             walls[name].append(time.perf_counter() - wall)
@@ -274,10 +277,12 @@ def _exported_predictors(predictor: Predictor, work: Path) -> dict[str, tuple[Pr
 
 
 def _latencies(predictors: dict[str, Predictor], image: torch.Tensor, runs: int) -> dict[str, dict[str, float]]:
-    """Batch-1 latency of each predictor, interleaved call by call so that all see the same machine load."""
+    """Batch-1 latency of each predictor, interleaved call by call so that all see the same machine load (each
+    timed call after an untimed one of the same predictor: :func:`tfanet_core.runtimes.settle`)."""
     samples: dict[str, list[float]] = {name: [] for name in predictors}
     for _ in range(runs):
         for name, predictor in predictors.items():
+            settle(lambda predictor=predictor: predictor.score_tensors(image))
             start = time.perf_counter()
             predictor.score_tensors(image)
             samples[name].append(time.perf_counter() - start)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -26,6 +28,7 @@ from tfanet_core.runtimes import (
     bundle_digest,
     compare_scores,
     export_bundle,
+    measure_speed,
     probe_images,
     read_manifest,
     threads_per_worker,
@@ -242,3 +245,24 @@ def test_worker_threads_follow_the_cpu_limit_not_the_machines_core_count(
     assert usable_cores() == 2 and threads_per_worker(1) == 2 and threads_per_worker(4) == 1
     cpu_max.unlink()  # no cgroup v2 controller
     assert usable_cores() == 64
+
+
+def test_measure_speed_does_not_bill_a_runtime_for_the_threads_of_the_one_before() -> None:
+    """A runtime whose threads keep spinning after its call slows whichever call comes next; the choice of the
+    serving runtime must time each runtime after a call of its own."""
+    spinning = {"left": False}
+
+    def spinner(images: torch.Tensor) -> None:  # fast itself, leaves its threads busy
+        spinning["left"] = True
+
+    def victim(images: torch.Tensor) -> None:  # 1 ms, 30 ms more right after the spinner
+        time.sleep(0.031 if spinning["left"] else 0.001)
+        spinning["left"] = False
+
+    speed = measure_speed(
+        SimpleNamespace(score_images=spinner),  # type: ignore[arg-type]
+        {"openvino": SimpleNamespace(scores=victim)},  # type: ignore[dict-item]
+        torch.zeros(4, 3, 8, 8),
+        rounds=3,
+    )
+    assert speed["openvino"] > 4 / 0.01  # ~4 / 0.001 s: the 30 ms it pays after the spinner are not counted
