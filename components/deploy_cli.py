@@ -4,9 +4,10 @@ Registered in the ``tfanet.commands`` entry-point group (pyproject.toml). The To
 is the one started from ``--state-dir`` (``python -m infra.local.torchserve start``); MLflow is
 whatever ``MLFLOW_TRACKING_URI`` names. Serving settings come from the product's ``serving:``
 section of params.yaml, the probe images from the test split of the prepare step's manifest
-(``deploy.probe_count`` of them, normal and defective alternating) unless ``--probe`` names them. Prints the decision as
-JSON and writes it to ``RUNS/<product>/deploy.json``; exits 1 when parity refused the champion (the
-old default keeps serving, but a champion that serves other scores than its bundle needs a look).
+(``deploy.probe_count`` of them, normal and defective alternating) unless ``--probe`` names them.
+Prints the decision as JSON and writes it to ``RUNS/<product>/deploy.json``; exits 1 when parity
+refused the champion (the old default keeps serving, but a champion that serves other scores than
+its bundle needs a look).
 """
 
 from __future__ import annotations
