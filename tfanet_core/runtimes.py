@@ -485,11 +485,12 @@ def settle(call: Callable[[], Any]) -> None:
 
 
 def measure_speed(
-    reference: Predictor, exported: dict[str, ExportedModel], images: torch.Tensor, rounds: int = 5
+    reference: Predictor, exported: dict[str, ExportedModel], images: torch.Tensor, rounds: int = 3
 ) -> dict[str, float]:
     """Images/s of the torch ``reference`` and of each export on ``images`` (one call = one batch), the median
     of ``rounds`` round-robin rounds, so that every runtime sees the same machine load; each timed call
-    follows an untimed one of the same runtime (:func:`settle`)."""
+    follows an untimed one of the same runtime (:func:`settle`). Six calls per runtime: a deploy of the
+    ``paper`` profile on a CPU spends ~10 s per torch call of 8 images (2 threads, perf.md)."""
     runners = {"torch": reference.score_images, **{runtime: model.scores for runtime, model in exported.items()}}
     seconds: dict[str, list[float]] = {runtime: [] for runtime in runners}
     for _ in range(rounds):
