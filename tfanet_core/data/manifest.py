@@ -126,13 +126,13 @@ class Manifest:
             if split is None or r.split == split
         ]
 
-    def probe_images(self, count: int, root: Path | str | None = None) -> list[Path]:
+    def probe_images(self, count: int) -> list[Path]:
         """``count`` test images, normal and defective alternating (by path): scores on both sides of a threshold.
 
         What every step that checks a model's scores against its bundle's scores them on (register, deploy,
         the cluster deploy): chosen here, from the one split, so they are the same images wherever they are read.
         """
-        test = self.samples("test", root)
+        test = self.samples("test")
         good = [s.path for s in test if not s.is_anomalous]
         bad = [s.path for s in test if s.is_anomalous]
         mixed = [p for pair in zip(good, bad, strict=False) for p in pair] + good[len(bad) :] + bad[len(good) :]
