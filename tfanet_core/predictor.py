@@ -179,6 +179,10 @@ class Predictor:
                 torch.empty(0, *self.image_size),
                 torch.empty(0, self.model.nearest, dtype=torch.long),
             )
+        if len(scores) == 1:
+            # No copy for one batch: torch.cat would run a 2-thread copy whose idle OpenMP thread then spins
+            # for milliseconds, on a core the next exported-runtime call needs (~4 % of a `cpu` batch of 8).
+            return scores[0], maps[0], templates[0]
         return torch.cat(scores), torch.cat(maps), torch.cat(templates)
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
