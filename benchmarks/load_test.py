@@ -40,6 +40,7 @@ from components.naming import torchserve_model_name
 from components.serving import server
 from components.serving.archive import build_archive
 from components.serving.torchserve import TorchServeClient
+from tfanet_core.allocator import keep_freed_memory
 from tfanet_core.bundle import read_metadata
 from tfanet_core.predictor import Predictor
 from tfanet_core.runtimes import export_bundle, format_of
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bundle is not None and args.images is None:
         parser.error("--bundle needs --images DIR (PNG files to send)")
+    keep_freed_memory()  # as the serving worker does: the in-process figure runs under the same allocator
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from benchmarks.machine import gemm_gflops, load_average, machine_info
+from tfanet_core.allocator import keep_freed_memory
 from tfanet_core.bundle import Bundle
 from tfanet_core.cache import FeatureCache
 from tfanet_core.config import Config, load_config
@@ -439,6 +440,7 @@ def image_size_scaling(config: Config, plan: Plan, threads: int, transformer_gfl
 
 def _child(args: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
     profile, plan, threads = args
+    keep_freed_memory()  # a spawned child: as the `tfanet` command that started the bench
     with tempfile.TemporaryDirectory(prefix=f"tfanet-bench-{profile}-") as work:
         return profile_inference(profile, Plan(**plan), threads, work)
 

@@ -85,7 +85,9 @@ def run_step(
     from components import steps
     from components.checkpoints import CheckpointMirror
     from components.params import ProductSettings
+    from tfanet_core.allocator import keep_freed_memory
 
+    keep_freed_memory()  # what the `tfanet` command does for the same steps on one machine
     section = json.loads(params)
     with tempfile.TemporaryDirectory(prefix=f"tfanet-{step}-") as tmp:
         work = Path(tmp)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tfanet_core.allocator import keep_freed_memory
 from tfanet_core.predictor import Predictor
 from tfanet_core.runtimes import threads_per_worker
 
@@ -43,6 +44,7 @@ class TFANetHandler:
         self.model_version = ""
 
     def initialize(self, context: Any) -> None:
+        keep_freed_memory()  # this worker process is an entry point: as in the deploy that timed the runtimes
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
