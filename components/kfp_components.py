@@ -335,13 +335,15 @@ def deploy(
     from components.serving.parity import DEFAULT_TOLERANCE
     from components.steps import ProductPaths, prepared_manifest
     from components.storage import s3_for
+    from tfanet_core.allocator import keep_freed_memory
 
+    keep_freed_memory()  # the runtimes are timed here under the allocator the serving pod's handler uses
     settings = json.loads(deploy_settings)
     category = ProductSettings.of(product, json.loads(params)).category
     with tempfile.TemporaryDirectory(prefix="tfanet-deploy-") as tmp:
         data_root = fetch_dataset(dataset_uri, category, Path(tmp), s3_endpoint)
-        rows = prepared_manifest(data_root, ProductPaths(Path(manifest.path)))
-        probes = rows.probe_images(int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))
+        prepared = prepared_manifest(data_root, ProductPaths(Path(manifest.path)))
+        probes = prepared.probe_images(int(settings.get("probe_count", DEFAULT_PROBE_COUNT)))
         record = deploy_in_cluster(
             product,
             model_bucket=model_bucket,
