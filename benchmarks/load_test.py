@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - start
             load_after = os.getloadavg()
             load.bar.close()
+            worker_rss = [_rss_mib(w["pid"]) for v in client.versions(name) for w in v["workers"]]
         finally:
             server.stop(state)
         in_process = _in_process(bundle, args.runtime, export, paths, args.batch_size)
@@ -215,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": round(wall, 2),
             "throughput_rps": round(args.requests / wall, 2),
             "in_process_images_per_s": round(in_process, 2),
+            "worker_rss_mib": worker_rss,
             "served_fraction_of_in_process": round(args.requests / wall / in_process, 3),
             "latency_ms": {
                 "p50": round(float(np.percentile(lat_ms, 50)), 1),
@@ -225,6 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         },
     }
+
+
+def _rss_mib(pid: int) -> int:
+    """Resident memory of a local process (Linux /proc: the server is on this machine)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) >> 10  # kB
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def _in_process(bundle: Path, runtime: str, export: Path | None, paths: list[Path], batch_size: int) -> float:
@@ -243,6 +253,7 @@ def to_markdown(r: dict[str, Any]) -> str:
     m, mod, s, ld, res = r["machine"], r["model"], r["server"], r["load"], r["results"]
     lat, la = res["latency_ms"], m["load_average_1min"]
     gpu = m["gpu"] or "no GPU"
+    rss = ", ".join(f"{mib} MiB" for mib in res["worker_rss_mib"])
     return f"""# Serving load test (TorchServe, loopback)
 
 Measured {r["date"]} by `benchmarks/load_test.py`.
@@ -267,6 +278,7 @@ p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | wall (s) |
 
 *In-process*: the same runtime scoring the same files in this process after the server stopped (PNG decoding
 included, batches of {s["batch_size"]}, best of 3 passes): what the served figure is measured against.
+Worker memory after the load (resident, `VmRSS` of each worker process): {rss}.
 """
 
 

@@ -1,4 +1,5 @@
-"""keep_freed_memory: a large block freed and asked for again comes back without new page faults."""
+"""keep_freed_memory: a large block freed and asked for again comes back without new page faults;
+release_freed_memory: what was kept goes back to the OS."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def test_a_freed_block_is_reused_instead_of_mapped_again() -> None:
     fresh, kept = _faults("default"), _faults("keep")
     assert fresh >= 8000  # each block mapped and zeroed again: ~16k faults of 4 KiB pages per block
     assert kept <= fresh // 4  # at most one in four placed anew, and reused from then on
+
+
+RSS_AFTER_RELEASE = """
+import torch
+from tfanet_core.allocator import keep_freed_memory, release_freed_memory
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+assert keep_freed_memory()
+torch.empty(64 << 20).fill_(1.0)  # 256 MiB, freed at once: what loading a model may take
+kept = rss_mib()
+assert release_freed_memory()
+print(kept - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, on Linux")
+def test_release_hands_kept_memory_back() -> None:
+    out = subprocess.run([sys.executable, "-c", RSS_AFTER_RELEASE], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) >= 200  # MiB of the 256 freed

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tfanet_core.allocator import keep_freed_memory
+from tfanet_core.allocator import keep_freed_memory, release_freed_memory
 from tfanet_core.predictor import Predictor
 from tfanet_core.runtimes import threads_per_worker
 
@@ -62,6 +62,7 @@ class TFANetHandler:
             runtime=runtime,
             export_dir=model_dir / EXPORT_DIR if runtime != "torch" else None,
         )
+        release_freed_memory()  # what loading used, so the worker keeps only its batches' working set
         log.info(
             "tfanet %s version %s loaded on %s, runtime %s (%d threads)",
             self.product,
