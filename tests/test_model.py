@@ -148,4 +148,6 @@ def test_the_int8_model_runs_its_last_tfam_block_at_the_kept_rows_too() -> None:
         reference = model(features)
         quantized = quantize_linear_int8(model)(features)
     assert quantized.shape == reference.shape
-    assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
+    # Dynamic int8 moves this random tiny model's outputs by 2.4-5.5 % of their range (20 seeds measured): a
+    # 5 % bound failed on a 1e-7 change elsewhere. block_at at the wrong rows, or skipped, is off by 53-70 %.
+    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
