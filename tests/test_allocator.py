@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-# A fresh process each: the setting is process-wide, and this one may have made it already.
 FAULTS_OF_A_REUSED_BLOCK = """
 import resource, sys
 import torch
@@ -24,25 +23,26 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK, mode], capture_output=True, text=True, check=True
-    )
+def _printed(script: str, *args: str) -> int:
+    """The number ``script`` prints, run in a fresh process: the setting is process-wide, and this one may have
+    made it already."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, on Linux")
 def test_a_freed_block_is_reused_instead_of_mapped_again() -> None:
-    fresh, kept = _faults("default"), _faults("keep")
+    fresh, kept = _printed(FAULTS_OF_A_REUSED_BLOCK, "default"), _printed(FAULTS_OF_A_REUSED_BLOCK, "keep")
     assert fresh >= 8000  # each block mapped and zeroed again: ~16k faults of 4 KiB pages per block
     assert kept <= fresh // 4  # at most one in four placed anew, and reused from then on
 
 
 RSS_AFTER_RELEASE = """
+import resource
 import torch
 from tfanet_core.allocator import keep_freed_memory, release_freed_memory
 def rss_mib():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() >> 20
 assert keep_freed_memory()
 torch.empty(64 << 20).fill_(1.0)  # 256 MiB, freed at once: what loading a model may take
 kept = rss_mib()
@@ -53,5 +53,4 @@ print(kept - rss_mib())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, on Linux")
 def test_release_hands_kept_memory_back() -> None:
-    out = subprocess.run([sys.executable, "-c", RSS_AFTER_RELEASE], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) >= 200  # MiB of the 256 freed
+    assert _printed(RSS_AFTER_RELEASE) >= 200  # MiB of the 256 freed
