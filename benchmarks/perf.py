@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from benchmarks.machine import gemm_gflops, load_average, machine_info
+from benchmarks.machine import gemm_gflops, gemm_kernels, load_average, machine_info
 from tfanet_core.allocator import keep_freed_memory
 from tfanet_core.bundle import Bundle
 from tfanet_core.cache import FeatureCache
@@ -142,11 +142,6 @@ def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, threads: int) ->
     return timings, outputs
 
 
-def _gemm(n: int) -> Callable[[], torch.Tensor]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return lambda: a @ b
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -206,8 +201,9 @@ def profile_inference(profile: str, plan: Plan, threads: int, work: str) -> dict
     start = time.perf_counter()
     quantized = _random_predictor(config, extractor, int8=True)
     int8_setup = time.perf_counter() - start
-    gemm = _gemm(plan.gemm_size)
-    fns: dict[str, Callable[[], Any]] = {"gemm": gemm}
+    fns: dict[str, Callable[[], Any]] = {
+        f"gemm {library}": kernel for library, kernel in gemm_kernels(plan.gemm_size, threads).items()
+    }
     fns |= {f"batch {b}": (lambda b=b: predictor.score_tensors(batch8[:b])) for b in plan.batches}
     fns["plain (fp32, contiguous)"] = lambda: plain.score_tensors(batch8)
     fns["default + int8 linear layers"] = lambda: quantized.score_tensors(batch8)
@@ -220,7 +216,11 @@ def profile_inference(profile: str, plan: Plan, threads: int, work: str) -> dict
         fn()
     timings, outputs = round_robin(fns, plan.repeats.get(profile, 2), threads)
 
-    out["gemm_gflops"] = 2 * plan.gemm_size**3 / timings["gemm"]["best_s"] / 1e9
+    out["gemm_gflops"] = {
+        name.removeprefix("gemm "): 2 * plan.gemm_size**3 / timing["best_s"] / 1e9
+        for name, timing in timings.items()
+        if name.startswith("gemm ")
+    }
     out["throughput"] = {}
     for b in plan.batches:
         timing = timings[f"batch {b}"]
@@ -251,7 +251,8 @@ def profile_inference(profile: str, plan: Plan, threads: int, work: str) -> dict
     runs = plan.latency_runs.get(profile, 5)
     latencies = _latencies({"torch": predictor, **{rt: p for rt, (p, _) in exported.items()}}, batch8[:1], runs)
     out["latency_ms"] = latencies["torch"]
-    out["runtimes"] = _runtime_rows(predictor, exported, timings, outputs, latencies, plan, gflop)
+    roofline = max(out["gemm_gflops"].values())
+    out["runtimes"] = _runtime_rows(exported, timings, outputs, latencies, plan, gflop, roofline)
     if "openvino" in exported:
         out["openvino_time"] = openvino_time(Path(work) / f"{profile}-openvino", batch8.numpy(), threads)
     out["image_sizes"] = image_size_scaling(config, plan, threads, gflop - cost["backbone_gflops"])
@@ -298,17 +299,16 @@ def _latencies(predictors: dict[str, Predictor], image: torch.Tensor, runs: int)
 
 
 def _runtime_rows(
-    predictor: Predictor,
     exported: dict[str, tuple[Predictor, float]],
     timings: dict[str, dict],
     outputs: dict[str, Any],
     latencies: dict[str, dict[str, float]],
     plan: Plan,
     gflop: float,
+    roofline: float,
 ) -> list[dict[str, Any]]:
-    """One row per runtime: images/s at each batch, its share of the GEMM roofline of this profile's run,
-    the speed-up over eager torch in the same rounds, batch-1 latency and the largest score difference."""
-    roofline = 2 * plan.gemm_size**3 / timings["gemm"]["best_s"] / 1e9
+    """One row per runtime: images/s at each batch, its share of ``roofline`` (the GEMMs of this profile's
+    rounds), the speed-up over eager torch in the same rounds, batch-1 latency and the largest score difference."""
     torch_scores = outputs[f"batch {max(plan.batches)}"][0]
     rows = []
     for runtime in ["torch", *exported]:
@@ -592,7 +592,7 @@ def run_bench(
         "gemm_size": plan.gemm_size,
     }
     steps = tqdm(total=len(plan.profiles) + 3, desc="bench", disable=not progress)
-    result["gemm_gflops_start"] = gemm_gflops(plan.gemm_size)
+    result["gemm_gflops_start"] = gemm_gflops(plan.gemm_size, threads)
     steps.update()
     context = multiprocessing.get_context("spawn")
     result["profiles"] = {}
@@ -605,10 +605,10 @@ def run_bench(
     steps.update()
     if "paper" in plan.profiles:
         result["paper_float16"] = paper_float16_error(threads)
-    result["gemm_gflops_end"] = gemm_gflops(plan.gemm_size)
+    result["gemm_gflops_end"] = gemm_gflops(plan.gemm_size, threads)
     samples = [result["gemm_gflops_start"], result["gemm_gflops_end"]]
     samples += [p["gemm_gflops"] for p in result["profiles"].values()]
-    result["roofline_gflops"] = max(samples)
+    result["roofline_gflops"] = max(gflops for sample in samples for gflops in sample.values())
     for profile in result["profiles"].values():
         against_run_roofline(profile, result["roofline_gflops"])
     result["load_average_end"] = load_average()
@@ -722,6 +722,10 @@ def _runtime_goals(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
+def _per_library(gflops: dict[str, float]) -> str:
+    return " / ".join(f"{library} {value:.1f}" for library, value in gflops.items())
+
+
 def _yes(flag: bool) -> str:
     return "**yes**" if flag else "**no**"
 
@@ -743,9 +747,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"- Load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']}: "
         "other processes shared these cores; each timing's *CPU share* says how much of the "
         f"{m['threads']} threads' time this process got (1.00 = all of it).",
-        f"- Roofline: dense fp32 GEMM ({r['gemm_size']}×{r['gemm_size']} matmul, best of 5) "
-        f"{r['gemm_gflops_start']:.1f} GFLOP/s at start, {r['gemm_gflops_end']:.1f} at end, "
-        + ", ".join(f"{p['gemm_gflops']:.1f} interleaved with `{n}`" for n, p in r["profiles"].items())
+        f"- Roofline: dense fp32 GEMM ({r['gemm_size']}×{r['gemm_size']} matmul, best of 5, in each library) "
+        f"{_per_library(r['gemm_gflops_start'])} GFLOP/s at start, {_per_library(r['gemm_gflops_end'])} at end, "
+        + ", ".join(f"{_per_library(p['gemm_gflops'])} interleaved with `{n}`" for n, p in r["profiles"].items())
         + f"; the largest, **{roof:.1f} GFLOP/s**, is the roofline below.",
         "",
         "## Goals",

@@ -26,7 +26,8 @@ def test_quick_bench_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Cap
     assert len(result["load_average_start"]) == 3 and len(result["load_average_end"]) == 3
     tiny = result["profiles"]["tiny"]
     samples = [result["gemm_gflops_start"], result["gemm_gflops_end"], tiny["gemm_gflops"]]
-    assert result["roofline_gflops"] == max(samples)
+    assert all(set(sample) == {"torch", "openvino"} for sample in samples)
+    assert result["roofline_gflops"] == max(gflops for sample in samples for gflops in sample.values())
     assert set(tiny["throughput"]) == {"1", "8"}
     for batch, t in tiny["throughput"].items():
         assert t["images_per_s"] == pytest.approx(int(batch) / t["best_s"])
@@ -60,7 +61,7 @@ def test_quick_bench_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Cap
         torch_b8 = runtimes["torch"]["batches"]["8"]["images_per_s"]
         assert b8["speedup_over_torch"] == pytest.approx(b8["images_per_s"] / torch_b8)
         # against the larger of the profile's own GEMM and the run's best: never above a measured roofline
-        roofline = max(tiny["gemm_gflops"], result["roofline_gflops"])
+        roofline = max(*tiny["gemm_gflops"].values(), result["roofline_gflops"])
         assert row["roofline_gflops"] == roofline
         assert b8["roofline_fraction"] == pytest.approx(b8["images_per_s"] * tiny["gflop_per_image"] / roofline)
 
@@ -95,11 +96,23 @@ def test_quick_bench_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Cap
     assert "--quick" in markdown and "Load average" in markdown and "Machine:" in markdown
 
 
-def test_gemm_roofline_is_flops_over_the_best_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fake clock: calls take 0.4 s, 0.2 s and 0.3 s, so the roofline is 2n³ over the best, 0.2 s."""
-    ticks = iter([0.0, 0.4, 1.0, 1.2, 2.0, 2.3])
+def test_gemm_roofline_is_flops_over_each_librarys_best_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: torch's calls take 0.4, 0.2 and 0.3 s, OpenVINO's 0.1, 0.5 and 0.5 s; each library's
+    figure is 2n³ over its own best."""
+    ticks = iter([0.0, 0.4, 1.0, 1.2, 2.0, 2.3, 3.0, 3.1, 4.0, 4.5, 5.0, 5.5])
     monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks))
-    assert machine.gemm_gflops(64, repeats=3) == pytest.approx(2 * 64**3 / 0.2 / 1e9)
+    assert machine.gemm_gflops(64, threads=1, repeats=3) == pytest.approx(
+        {"torch": 2 * 64**3 / 0.2 / 1e9, "openvino": 2 * 64**3 / 0.1 / 1e9}
+    )
+
+
+def test_every_gemm_kernel_multiplies_the_same_matrices() -> None:
+    """The libraries race on the same product, so their figures compare the same work."""
+    products = {name: kernel() for name, kernel in machine.gemm_kernels(32, threads=1).items()}
+    torch_product = products["torch"].numpy()
+    openvino_product = next(iter(products["openvino"].values()))
+    assert openvino_product.shape == (32, 32)
+    assert abs(openvino_product - torch_product).max() <= 1e-4 * abs(torch_product).max()
 
 
 def test_int8_predictor_quantizes_linear_layers_and_keeps_scores(fabric_bundle: Path, synth_root: Path) -> None:

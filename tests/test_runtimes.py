@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -31,9 +32,11 @@ from tfanet_core.runtimes import (
     measure_speed,
     probe_images,
     read_manifest,
+    settle,
     threads_per_worker,
     usable_cores,
     verify_export,
+    wait_until_quiet,
 )
 from tfanet_core.threshold import Threshold
 
@@ -266,3 +269,26 @@ def test_measure_speed_does_not_bill_a_runtime_for_the_threads_of_the_one_before
         rounds=3,
     )
     assert speed["openvino"] > 4 / 0.01  # ~4 / 0.001 s: the 30 ms it pays after the spinner are not counted
+
+
+def _spin(seconds: float) -> None:
+    """Keep a core busy, as a runtime's pool thread does while it waits for more work."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
+def test_settle_waits_until_threads_left_spinning_by_another_call_have_stopped() -> None:
+    """A thread still spinning 0.2 s after the call that woke it: the untimed call, and so the timed one after
+    it, start only once it has stopped; a thread that never stops costs a bounded wait, not a hang."""
+    spinner = threading.Thread(target=_spin, args=(0.2,))
+    spinner.start()
+    calls = []
+    settle(lambda: calls.append(spinner.is_alive()))
+    assert calls == [False]
+
+    spinner = threading.Thread(target=_spin, args=(0.5,))
+    spinner.start()
+    assert wait_until_quiet(limit_s=0.05) is False
+    spinner.join()
+    assert wait_until_quiet(limit_s=0.05) is True

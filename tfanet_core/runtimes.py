@@ -473,14 +473,36 @@ def load_or_export(
     return ExportedModel(path, threads)
 
 
-def settle(call: Callable[[], Any]) -> None:
-    """One untimed ``call()`` right before a timed one, when runtimes take turns on the same cores.
+#: A process whose threads together used under a tenth of this much CPU time in this much wall time is quiet.
+QUIET_S = 0.005
 
-    A runtime's threads keep spinning for a while after its call returns, waiting for more work: measured
-    here, ONNX Runtime's intra-op pool added 9 ms to the 14 ms OpenVINO image timed right after it, and a
-    20 ms pause still left 4 ms of it. The settling call pays that and warms the caches for this runtime,
-    as back-to-back requests of one runtime are served.
+
+def wait_until_quiet(limit_s: float = 1.0) -> bool:
+    """Return once no thread of this process has kept a core busy for :data:`QUIET_S` (True), or after
+    ``limit_s`` (False): a runtime's pool threads spin for a while after its call returns, waiting for more.
+
+    Measured on an AMD EPYC (AVX2, 2 cores): an OpenVINO image timed after an ONNX Runtime call and one untimed
+    OpenVINO call took 31.6 ms at the median; waiting here first, 21.6 ms, as without ONNX Runtime before it.
     """
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        used = time.process_time()
+        time.sleep(QUIET_S)
+        if time.process_time() - used < QUIET_S / 10:
+            return True
+    return False
+
+
+def settle(call: Callable[[], Any]) -> None:
+    """Make the next timed ``call()`` pay only for itself, when runtimes take turns on the same cores: wait for
+    the threads of whatever ran before to stop spinning (:func:`wait_until_quiet`), then one untimed call.
+
+    Without the wait, ONNX Runtime's intra-op pool added 9 ms to the 14 ms OpenVINO image timed right after it
+    (Intel Xeon), and on an AMD EPYC one untimed OpenVINO call of 22 ms was not enough to outlast it. The
+    untimed call warms the caches for this runtime and leaves its own threads as back-to-back requests of one
+    runtime are served: a runtime's spinning after its own call is part of its speed.
+    """
+    wait_until_quiet()
     call()
 
 
