@@ -28,7 +28,15 @@ from components.serving.torchserve import TorchServeClient
 from components.tracking import log_training_run, registered_model_name
 from tfanet_core.bundle import load_bundle
 from tfanet_core.predictor import Predictor
-from tfanet_core.runtimes import MANIFEST_FILE, PARITY_TOLERANCE, Parity, bundle_digest, export_bundle, verify_export
+from tfanet_core.runtimes import (
+    MANIFEST_FILE,
+    PARITY_TOLERANCE,
+    OpenVINORunner,
+    Parity,
+    bundle_digest,
+    export_bundle,
+    verify_export,
+)
 
 OCTET = "application/octet-stream"
 
@@ -90,10 +98,15 @@ def test_handler_runs_the_exported_model(openvino_mar: Path, served_bundle: Path
     handler.initialize(Context("tfanet-fabric", str(model_dir), None, 4, None, "0.12.0"))
     assert handler.predictor is not None and handler.predictor.runtime == "openvino"
     assert handler.predictor.exported is not None and handler.predictor.exported.directory == model_dir / "export"
+    runner = handler.predictor.exported._run
+    assert isinstance(runner, OpenVINORunner)
+    prepared = {runner.shape(n) for n in range(1, 5)}  # TorchServe's batch size here: 4
+    assert set(runner._compiled) == prepared  # compiled at load, not on each size's first request
     image = Image.new("RGB", (96, 80), (120, 90, 60))
     ctx = Context("tfanet-fabric", str(model_dir), None, 4, None, "0.12.0")
     ctx.request_processor = [RequestProcessor({"Content-Type": OCTET})]
     [out] = handler.handle([{"body": _png(image)}], ctx)
+    assert set(runner._compiled) == prepared
     doc = json.loads(out)
     expected = _torch_score(served_bundle, image)
     assert doc["model_version"] == "5" and abs(doc["score"] - expected) <= PARITY_TOLERANCE * abs(expected)
