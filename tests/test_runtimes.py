@@ -236,11 +236,11 @@ def test_openvino_splits_a_batch_over_one_stream_per_thread(exports: dict[str, P
     assert list(runner._compiled) == [(3, 2), (1, 1)]
 
 
-def test_prepare_compiles_every_batch_shape_up_front_and_keeps_them(exports: dict[str, Path]) -> None:
+def test_precompile_compiles_every_batch_shape_up_front_and_keeps_them(exports: dict[str, Path]) -> None:
     """Batches of 1..20 images on two threads run on 11 shapes: one image on both threads, then 1..10 per
     stream. All stay compiled (more than ``KEEP``), and no batch size compiles anything afterwards."""
     model = ExportedModel(exports["openvino"], threads=2)
-    model.prepare(20)
+    model.precompile(20)
     runner = model._run
     assert isinstance(runner, OpenVINORunner)
     expected = [(1, 1), *((k, 2) for k in range(1, 11))]
@@ -249,7 +249,7 @@ def test_prepare_compiles_every_batch_shape_up_front_and_keeps_them(exports: dic
     for n in (1, 2, 7, 20):
         model.scores(images[:n])
     assert sorted(runner._compiled) == expected
-    ExportedModel(exports["onnx"], threads=2).prepare(20)  # ONNX Runtime has nothing to compile
+    ExportedModel(exports["onnx"], threads=2).precompile(20)  # ONNX Runtime has nothing to compile
 
 
 def test_worker_threads_follow_the_cpu_limit_not_the_machines_core_count(

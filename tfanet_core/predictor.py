@@ -148,11 +148,11 @@ class Predictor:
         """(H, W) the bundle's model takes: images are resized to it, maps and masks are judged at it."""
         return self.config.features.image_hw
 
-    def prepare(self) -> None:
+    def precompile(self) -> None:
         """Ready every batch of up to ``batch_size`` images now: an OpenVINO export compiles one graph per
         batch shape (~0.25 s each), which a server would otherwise make its first request of each size wait for."""
         if self.exported is not None:
-            self.exported.prepare(self.batch_size)
+            self.exported.precompile(self.batch_size)
 
     def template_names(self, indices: Sequence[int]) -> list[str]:
         """Training images (dataset-relative paths) behind template-bank indices, as the bundle records them."""

@@ -62,7 +62,7 @@ class TFANetHandler:
             runtime=runtime,
             export_dir=model_dir / EXPORT_DIR if runtime != "torch" else None,
         )
-        self.predictor.prepare()  # every batch size TorchServe may send, compiled before the first request
+        self.predictor.precompile()  # every batch size TorchServe may send, compiled before the first request
         release_freed_memory()  # what loading used, so the worker keeps only its batches' working set
         log.info(
             "tfanet %s version %s loaded on %s, runtime %s (%d threads)",
