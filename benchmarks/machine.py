@@ -63,9 +63,9 @@ def gemm_kernels(n: int, threads: int) -> dict[str, Callable[[], object]]:
     """An ``n``×``n`` fp32 matmul in each library that runs the product's arithmetic: torch and OpenVINO.
 
     The roofline is the faster of the two, because neither library's GEMM is the machine's everywhere: on the
-    AMD EPYC (AVX2, 2 threads) this project was developed on, torch's matmul ran at 147 GFLOP/s and
-    OpenVINO's at 187 (numpy's OpenBLAS 185). Against torch's alone, a model could read as 89 % of a
-    "roofline" that the runtime running it exceeds by a quarter.
+    AMD EPYC (AVX2, 2 threads) of one of the development machines, torch's matmul ran at 145–154 GFLOP/s and
+    OpenVINO's at 186–198 (numpy's OpenBLAS 185). Against torch's alone, OpenVINO's whole network read as 89 %
+    of a "roofline" that its own GEMM beat by a quarter.
     """
     import openvino as ov
     from openvino import opset13

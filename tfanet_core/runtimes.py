@@ -290,7 +290,8 @@ class OpenVINORunner:
 
         Without it, a served worker compiled each batch size on its first request: the load test's p99 was
         509 ms against a p50 of 162 ms; with it, 221 ms against 161 (`cpu` profile, batches of up to 8, AMD
-        EPYC, 2 cores). Memory is what the worker reaches anyway once it has met every size.
+        EPYC, 2 cores). Each compiled shape keeps its own buffers: that worker held 1750 MiB after the load
+        test, 1511 compiling as it went.
         """
         shapes = sorted({self.shape(n) for n in range(1, max_batch + 1)})
         self.keep = max(self.keep, len(shapes))
