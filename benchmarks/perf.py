@@ -696,12 +696,17 @@ def _runtime_goals(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         return []
     best = max(exported, key=lambda r: r["batches"]["8"]["images_per_s"])
     b8, worst = best["batches"]["8"], max(r["max_relative_score_difference"] for r in exported)
+    torch_b8 = rows["torch"]["batches"]["8"]["images_per_s"]
+    # What the ratio asks of the hardware: it can ask for more than the GEMM roofline when eager torch is fast.
+    needed = RUNTIME_SPEEDUP_GOAL * torch_b8
+    needed_fraction = needed * result["profiles"][name]["gflop_per_image"] / best["roofline_gflops"]
     return [
         {
             "goal": f"`{name}` batch 8 on the fastest exported runtime ≥ {RUNTIME_IMAGES_GOAL:.0f} images/s and "
             f"≥ {RUNTIME_SPEEDUP_GOAL}× eager torch in the same run",
             "measured": f"{best['runtime']}: {b8['images_per_s']:.1f} images/s, {b8['speedup_over_torch']:.2f}× "
-            f"(torch {rows['torch']['batches']['8']['images_per_s']:.1f})",
+            f"(torch {torch_b8:.1f}; {RUNTIME_SPEEDUP_GOAL}× would be {needed:.1f} images/s, "
+            f"{needed_fraction:.0%} of the roofline)",
             "met": b8["images_per_s"] >= RUNTIME_IMAGES_GOAL and b8["speedup_over_torch"] >= RUNTIME_SPEEDUP_GOAL,
         },
         {

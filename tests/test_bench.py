@@ -80,6 +80,10 @@ def test_quick_bench_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Cap
     assert fast["met"] is (worst <= FAST_PATH_TOLERANCE) and fast["measured"] == f"max {worst:.1e}"
     parity = next(g for name, g in goals.items() if name.startswith("every exported runtime"))
     assert parity["met"] is True
+    ratio = next(g for name, g in goals.items() if "eager torch" in name)
+    needed = 2.5 * runtimes["torch"]["batches"]["8"]["images_per_s"]
+    fraction = needed * tiny["gflop_per_image"] / runtimes["openvino"]["roofline_gflops"]
+    assert f"would be {needed:.1f} images/s, {fraction:.0%} of the roofline" in ratio["measured"]
 
     markdown = (tmp_path / "perf.md").read_text()
     for heading in (
