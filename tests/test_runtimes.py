@@ -219,36 +219,37 @@ def test_cli_predict_gives_the_same_json_for_every_runtime(
     assert printed["runtime"] == "openvino" and printed["parity"]["passed"]
 
 
-def test_openvino_splits_a_batch_over_one_stream_per_thread(exports: dict[str, Path]) -> None:
-    """Five images on two threads run as two static batches of three (the last image repeated), one per
-    stream; the scores, maps and template choices are those of one thread running them together."""
+def test_openvino_queues_a_batch_one_image_per_request_over_one_stream_per_thread(exports: dict[str, Path]) -> None:
+    """Five images on two threads run as five single-image requests on two streams; the scores, maps and
+    template choices are those of one thread running them in turn, and a single image keeps both threads."""
     split = ExportedModel(exports["openvino"], threads=2)
     whole = ExportedModel(exports["openvino"], threads=1)
     images = _images(5)
     scores, maps, templates = split.scores(images)
     expected, expected_maps, expected_templates = whole.scores(images)
-    assert scores.shape == (5,) and maps.shape == (5, 128, 128)
+    assert scores.shape == (5,) and maps.shape == (5, 128, 128) and templates.shape == expected_templates.shape
     assert float(((scores - expected).abs() / expected.abs()).max()) <= PARITY_TOLERANCE
     assert torch.allclose(maps, expected_maps, rtol=1e-4, atol=1e-6) and torch.equal(templates, expected_templates)
     runner = split._run
-    assert isinstance(runner, OpenVINORunner) and list(runner._compiled) == [(3, 2)]
-    split.scores(images[:1])  # a single image keeps both threads on one request
-    assert list(runner._compiled) == [(3, 2), (1, 1)]
+    assert isinstance(runner, OpenVINORunner) and list(runner._queues) == [2]
+    single, _, _ = split.scores(images[3:4])  # the latency path: one request on both threads
+    assert list(runner._queues) == [2, 1]
+    assert float((single[0] - scores[3]).abs() / scores[3].abs()) <= PARITY_TOLERANCE
 
 
-def test_precompile_compiles_every_batch_shape_up_front_and_keeps_them(exports: dict[str, Path]) -> None:
-    """Batches of 1..20 images on two threads run on 11 shapes: one image on both threads, then 1..10 per
-    stream. All stay compiled (more than ``KEEP``), and no batch size compiles anything afterwards."""
+def test_precompile_compiles_once_per_stream_count_whatever_the_batch_sizes(exports: dict[str, Path]) -> None:
+    """Batches of 1..20 images on two threads need two compiled models (one image on both threads, one
+    image per single-threaded stream), both compiled up front; no batch size compiles anything afterwards."""
     model = ExportedModel(exports["openvino"], threads=2)
     model.precompile(20)
     runner = model._run
     assert isinstance(runner, OpenVINORunner)
-    expected = [(1, 1), *((k, 2) for k in range(1, 11))]
-    assert sorted(runner._compiled) == expected and len(expected) > OpenVINORunner.KEEP
+    compiled = dict(runner._queues)
+    assert sorted(compiled) == [1, 2]
     images = _images(20)
     for n in (1, 2, 7, 20):
-        model.scores(images[:n])
-    assert sorted(runner._compiled) == expected
+        assert model.scores(images[:n])[0].shape == (n,)
+    assert runner._queues == compiled
     ExportedModel(exports["onnx"], threads=2).precompile(20)  # ONNX Runtime has nothing to compile
 
 

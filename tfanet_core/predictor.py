@@ -149,8 +149,8 @@ class Predictor:
         return self.config.features.image_hw
 
     def precompile(self) -> None:
-        """Ready every batch of up to ``batch_size`` images now: an OpenVINO export compiles one graph per
-        batch shape (~0.25 s each), which a server would otherwise make its first request of each size wait for."""
+        """Ready every batch of up to ``batch_size`` images now: an OpenVINO export compiles its graph once per
+        stream count (~0.25 s each), which a server would otherwise make its first requests wait for."""
         if self.exported is not None:
             self.exported.precompile(self.batch_size)
 

@@ -23,7 +23,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -257,77 +256,66 @@ class OnnxRuntimeRunner:
 
 
 class OpenVINORunner:
-    """The OpenVINO graph on the CPU, compiled for each batch shape it meets, a batch of several images split
-    over one single-threaded stream per thread.
+    """The OpenVINO graph on the CPU, one image per inference request: a single image runs on every thread
+    (the latency path), several are queued over one single-threaded stream per thread.
 
-    Both choices are measured (``cpu`` profile, 2 cores, benchmarks/results/perf.md): a static batch
-    dimension runs ~18 % faster than the dynamic one the file keeps, and two streams of 4 images beat one
-    2-thread request of 8 by another ~15 %, because the backbone's depthwise convolutions on small maps keep
-    two threads of one request waiting on each other. A single image keeps both threads (the latency path).
-    A batch that does not split evenly is padded with copies of its last image, so every stream runs the
-    same compiled shape; compiling one takes ~0.2 s (0.26 s on a 2-core AMD EPYC), the last ``KEEP`` shapes
-    stay compiled (more after :meth:`precompile`).
+    Both choices are measured (``cpu`` profile, 2 cores, benchmarks/README.md). Two independent streams beat
+    one 2-thread request of 8 images by ~15 % (Intel Xeon): the backbone's depthwise convolutions on small
+    maps keep two threads of one request waiting on each other. One image per request beats four by a further
+    ~8 % (AMD EPYC, Zen 3): one image's activations stay in the caches from layer to layer (the backbone's
+    first expansion writes 6 MB per image, 25 MB for four). So the graph is compiled for a static batch of one,
+    once per stream count: at most two compiles of ~0.25 s, whatever batch sizes come, no padding of ragged
+    batches, and ~390 MB less resident than one compiled model per batch shape of up to 8 images.
     """
-
-    KEEP = 8
 
     def __init__(self, xml: Path, threads: int) -> None:
         import openvino as ov
 
         self.core = ov.Core()
         self.model = self.core.read_model(str(xml))
+        image = [dim.get_length() for dim in list(self.model.input("images").get_partial_shape())[1:]]
+        self.model.reshape({"images": [1, *image]})
         self.threads = threads
-        self.keep = self.KEEP
-        self._compiled: OrderedDict[tuple[int, int], tuple[Any, list[Any]]] = OrderedDict()
+        self._queues: dict[int, tuple[Any, Any]] = {}  # streams → (compiled model, its queue of requests)
 
-    def shape(self, n: int) -> tuple[int, int]:
-        """(images per request, streams) that a batch of ``n`` images runs on."""
-        streams = max(1, min(self.threads, n))
-        return -(-n // streams), streams
+    def streams(self, n: int) -> int:
+        """How many single-image requests a batch of ``n`` images runs at once."""
+        return 1 if n == 1 else self.threads
 
     def precompile(self, max_batch: int) -> None:
-        """Compile now every shape a batch of 1..``max_batch`` images runs on, and keep them all compiled.
+        """Compile now what a batch of 1..``max_batch`` images runs on, rather than on the first such batch.
 
-        Without it, a served worker compiled each batch size on its first request: the load test's p99 was
-        509 ms against a p50 of 162 ms; with it, 221 ms against 161 (`cpu` profile, batches of up to 8, AMD
-        EPYC, 2 cores). Each compiled shape keeps its own buffers: that worker held 1750 MiB after the load
-        test, 1511 compiling as it went.
+        Without it a served worker compiled on its first request of each kind: when it compiled one model per
+        batch shape, the load test's p99 was 509 ms against a p50 of 162 ms (`cpu` profile, AMD EPYC, 2 cores).
         """
-        shapes = sorted({self.shape(n) for n in range(1, max_batch + 1)})
-        self.keep = max(self.keep, len(shapes))
-        for per_stream, streams in shapes:
-            self._requests(per_stream, streams)
+        for streams in sorted({self.streams(n) for n in range(1, max_batch + 1)}):
+            self._queue(streams)
 
-    def _requests(self, batch: int, streams: int) -> tuple[Any, list[Any]]:
-        """The model compiled for ``batch`` images per request on ``streams`` streams, and one request per stream."""
-        key = (batch, streams)
-        if key not in self._compiled:
-            model = self.model.clone()
-            image = [dim.get_length() for dim in list(model.input("images").get_partial_shape())[1:]]
-            model.reshape({"images": [batch, *image]})
-            hint = {"PERFORMANCE_HINT": "LATENCY"} if streams == 1 else {"PERFORMANCE_HINT": "THROUGHPUT"}
-            config = {"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": self.threads, **hint}
+    def _queue(self, streams: int) -> tuple[Any, Any]:
+        """The model compiled for ``streams`` streams of ``self.threads // streams`` threads, and one request each."""
+        if streams not in self._queues:
+            import openvino as ov
+
+            hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+            config = {"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": hint}
             # f32 always: on AMX/AVX-512-bf16 CPUs OpenVINO's default is bf16, which fails parity.
-            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **config})
-            self._compiled[key] = (compiled, [compiled.create_infer_request() for _ in range(streams)])
-            while len(self._compiled) > self.keep:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(key)
-        return self._compiled[key]
+            compiled = self.core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **config})
+            self._queues[streams] = (compiled, ov.AsyncInferQueue(compiled, streams))
+        return self._queues[streams]
 
     def __call__(self, x: np.ndarray) -> Outputs:
-        n = len(x)
-        per_stream, streams = self.shape(n)
-        if per_stream * streams > n:
-            x = np.concatenate([x, np.repeat(x[-1:], per_stream * streams - n, axis=0)])
-        compiled, requests = self._requests(per_stream, streams)
-        for i, request in enumerate(requests):
-            request.start_async({"images": x[i * per_stream : (i + 1) * per_stream]}, share_inputs=True)
-        for request in requests:
-            request.wait()
-        score, amap, templates = (
-            np.concatenate([r.get_tensor(compiled.output(name)).data for r in requests])[:n] for name in OUTPUTS
-        )
+        compiled, queue = self._queue(self.streams(len(x)))
+        outputs = [compiled.output(name) for name in OUTPUTS]
+        rows: list[list[np.ndarray]] = [[] for _ in x]
+
+        def collect(request: Any, i: int) -> None:  # copies: the request's buffers are reused by the next image
+            rows[i] = [request.get_tensor(output).data.copy() for output in outputs]
+
+        queue.set_callback(collect)
+        for i in range(len(x)):
+            queue.start_async({"images": x[i : i + 1]}, userdata=i, share_inputs=True)
+        queue.wait_all()
+        score, amap, templates = (np.concatenate(parts) for parts in zip(*rows, strict=True))
         return score, amap, templates
 
 
