@@ -291,15 +291,23 @@ class OpenVINORunner:
         for streams in sorted({self.streams(n) for n in range(1, max_batch + 1)}):
             self._queue(streams)
 
+    def config(self, streams: int) -> dict[str, Any]:
+        """OpenVINO's CPU settings for ``streams`` streams sharing ``self.threads`` threads."""
+        hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+        # f32 always: on AMX/AVX-512-bf16 CPUs OpenVINO's default is bf16, which fails parity.
+        return {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "NUM_STREAMS": streams,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "PERFORMANCE_HINT": hint,
+        }
+
     def _queue(self, streams: int) -> tuple[Any, Any]:
-        """The model compiled for ``streams`` streams of ``self.threads // streams`` threads, and one request each."""
+        """The model compiled for ``streams`` streams, and a queue of one request per stream."""
         if streams not in self._queues:
             import openvino as ov
 
-            hint = "LATENCY" if streams == 1 else "THROUGHPUT"
-            config = {"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": hint}
-            # f32 always: on AMX/AVX-512-bf16 CPUs OpenVINO's default is bf16, which fails parity.
-            compiled = self.core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **config})
+            compiled = self.core.compile_model(self.model, "CPU", self.config(streams))
             self._queues[streams] = (compiled, ov.AsyncInferQueue(compiled, streams))
         return self._queues[streams]
 
