@@ -350,28 +350,17 @@ def openvino_time(export: Path, images: np.ndarray, threads: int, runs: int = 5)
     """Where an OpenVINO batch spends its time, run as it is served (``runtimes.OpenVINORunner``: one image
     per request, one single-threaded stream per thread): the per-node timers of the fastest of ``runs``
     batches, summed over its images per kind of node (operation and the kernel that ran it)."""
-    import openvino as ov
+    runner = OpenVINORunner(export / "model.xml", threads, {"PERF_COUNT": True})
 
-    runner = OpenVINORunner(export / "model.xml", threads)
-    streams = runner.streams(len(images))
-    compiled = runner.core.compile_model(runner.model, "CPU", {**runner.config(streams), "PERF_COUNT": True})
-    queue = ov.AsyncInferQueue(compiled, streams)
-    nodes: list[Any] = []
-    queue.set_callback(lambda request, _: nodes.extend(request.profiling_info))
-
-    def batch() -> float:
-        nodes.clear()
+    def batch() -> tuple[float, list[Any]]:
+        nodes: list[Any] = []
         start = time.perf_counter()
-        for i in range(len(images)):
-            queue.start_async({"images": images[i : i + 1]})
-        queue.wait_all()
-        return time.perf_counter() - start
+        for request in runner.each_image(images):
+            nodes += request.profiling_info
+        return time.perf_counter() - start, nodes
 
     batch()
-    best, best_nodes = float("inf"), []
-    for _ in range(runs):
-        if (spent := batch()) < best:
-            best, best_nodes = spent, list(nodes)
+    best, best_nodes = min((batch() for _ in range(runs)), key=lambda run: run[0])
     kinds: dict[str, float] = {}
     for node in best_nodes:
         kind = f"{node.node_type} ({node.exec_type})"
@@ -380,7 +369,7 @@ def openvino_time(export: Path, images: np.ndarray, threads: int, runs: int = 5)
     rows = sorted(kinds.items(), key=lambda item: -item[1])
     return {
         "batch": len(images),
-        "streams": streams,
+        "streams": runner.streams(len(images)),
         "wall_ms": best * 1000,
         "nodes_ms": total,
         "kinds": [{"kind": kind, "ms": ms, "share": ms / total} for kind, ms in rows],

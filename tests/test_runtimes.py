@@ -219,7 +219,7 @@ def test_cli_predict_gives_the_same_json_for_every_runtime(
     assert printed["runtime"] == "openvino" and printed["parity"]["passed"]
 
 
-def test_openvino_queues_a_batch_one_image_per_request_over_one_stream_per_thread(exports: dict[str, Path]) -> None:
+def test_openvino_runs_a_batch_one_image_per_request_on_one_stream_per_thread(exports: dict[str, Path]) -> None:
     """Five images on two threads run as five single-image requests on two streams; the scores, maps and
     template choices are those of one thread running them in turn, and a single image keeps both threads."""
     split = ExportedModel(exports["openvino"], threads=2)
@@ -231,9 +231,9 @@ def test_openvino_queues_a_batch_one_image_per_request_over_one_stream_per_threa
     assert float(((scores - expected).abs() / expected.abs()).max()) <= PARITY_TOLERANCE
     assert torch.allclose(maps, expected_maps, rtol=1e-4, atol=1e-6) and torch.equal(templates, expected_templates)
     runner = split._run
-    assert isinstance(runner, OpenVINORunner) and list(runner._queues) == [2]
+    assert isinstance(runner, OpenVINORunner) and list(runner._compiled) == [2]
     single, _, _ = split.scores(images[3:4])  # the latency path: one request on both threads
-    assert list(runner._queues) == [2, 1]
+    assert list(runner._compiled) == [2, 1]
     assert float((single[0] - scores[3]).abs() / scores[3].abs()) <= PARITY_TOLERANCE
 
 
@@ -244,12 +244,12 @@ def test_precompile_compiles_once_per_stream_count_whatever_the_batch_sizes(expo
     model.precompile(20)
     runner = model._run
     assert isinstance(runner, OpenVINORunner)
-    compiled = dict(runner._queues)
+    compiled = dict(runner._compiled)
     assert sorted(compiled) == [1, 2]
     images = _images(20)
     for n in (1, 2, 7, 20):
         assert model.scores(images[:n])[0].shape == (n,)
-    assert runner._queues == compiled
+    assert runner._compiled == compiled
     ExportedModel(exports["onnx"], threads=2).precompile(20)  # ONNX Runtime has nothing to compile
 
 

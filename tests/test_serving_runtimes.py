@@ -100,14 +100,14 @@ def test_handler_runs_the_exported_model(openvino_mar: Path, served_bundle: Path
     assert handler.predictor.exported is not None and handler.predictor.exported.directory == model_dir / "export"
     runner = handler.predictor.exported._run
     assert isinstance(runner, OpenVINORunner)
-    precompiled = dict(runner._queues)
+    precompiled = dict(runner._compiled)
     # compiled at load for every batch size TorchServe may send (up to 4 here), not on a first request
     assert set(precompiled) == {runner.streams(n) for n in range(1, 5)}
     image = Image.new("RGB", (96, 80), (120, 90, 60))
     ctx = Context("tfanet-fabric", str(model_dir), None, 4, None, "0.12.0")
     ctx.request_processor = [RequestProcessor({"Content-Type": OCTET})]
     [out] = handler.handle([{"body": _png(image)}], ctx)
-    assert runner._queues == precompiled
+    assert runner._compiled == precompiled
     doc = json.loads(out)
     expected = _torch_score(served_bundle, image)
     assert doc["model_version"] == "5" and abs(doc["score"] - expected) <= PARITY_TOLERANCE * abs(expected)

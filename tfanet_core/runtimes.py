@@ -23,7 +23,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -257,7 +257,7 @@ class OnnxRuntimeRunner:
 
 class OpenVINORunner:
     """The OpenVINO graph on the CPU, one image per inference request: a single image runs on every thread
-    (the latency path), several are queued over one single-threaded stream per thread.
+    (the latency path), several run in turns of one image per single-threaded stream, one stream per thread.
 
     Both choices are measured (``cpu`` profile, 2 cores, benchmarks/README.md). Two independent streams beat
     one 2-thread request of 8 images by ~15 % (Intel Xeon): the backbone's depthwise convolutions on small
@@ -266,9 +266,12 @@ class OpenVINORunner:
     first expansion writes 6 MB per image, 25 MB for four). So the graph is compiled for a static batch of one,
     once per stream count: at most two compiles of ~0.25 s, whatever batch sizes come, no padding of ragged
     batches, and ~390 MB less resident than one compiled model per batch shape of up to 8 images.
+
+    Plain infer requests, not ``ov.AsyncInferQueue``: with it, whose results come back through a Python
+    callback on OpenVINO's threads, a CI run aborted once in one of those threads.
     """
 
-    def __init__(self, xml: Path, threads: int) -> None:
+    def __init__(self, xml: Path, threads: int, extra_config: dict[str, Any] | None = None) -> None:
         import openvino as ov
 
         self.core = ov.Core()
@@ -276,7 +279,8 @@ class OpenVINORunner:
         image = [dim.get_length() for dim in list(self.model.input("images").get_partial_shape())[1:]]
         self.model.reshape({"images": [1, *image]})
         self.threads = threads
-        self._queues: dict[int, tuple[Any, Any]] = {}  # streams → (compiled model, its queue of requests)
+        self.extra_config = extra_config or {}  # e.g. PERF_COUNT for the bench's per-node timers
+        self._compiled: dict[int, tuple[Any, list[Any]]] = {}  # streams → (compiled model, one request each)
 
     def streams(self, n: int) -> int:
         """How many single-image requests a batch of ``n`` images runs at once."""
@@ -289,40 +293,40 @@ class OpenVINORunner:
         batch shape, the load test's p99 was 509 ms against a p50 of 162 ms (`cpu` profile, AMD EPYC, 2 cores).
         """
         for streams in sorted({self.streams(n) for n in range(1, max_batch + 1)}):
-            self._queue(streams)
+            self.requests(streams)
 
-    def config(self, streams: int) -> dict[str, Any]:
-        """OpenVINO's CPU settings for ``streams`` streams sharing ``self.threads`` threads."""
-        hint = "LATENCY" if streams == 1 else "THROUGHPUT"
-        # f32 always: on AMX/AVX-512-bf16 CPUs OpenVINO's default is bf16, which fails parity.
-        return {
-            "INFERENCE_PRECISION_HINT": "f32",
-            "NUM_STREAMS": streams,
-            "INFERENCE_NUM_THREADS": self.threads,
-            "PERFORMANCE_HINT": hint,
-        }
+    def requests(self, streams: int) -> tuple[Any, list[Any]]:
+        """The model compiled for ``streams`` streams sharing ``self.threads`` threads, and one request per stream."""
+        if streams not in self._compiled:
+            hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+            # f32 always: on AMX/AVX-512-bf16 CPUs OpenVINO's default is bf16, which fails parity.
+            config = {
+                "INFERENCE_PRECISION_HINT": "f32",
+                "NUM_STREAMS": streams,
+                "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": hint,
+                **self.extra_config,
+            }
+            compiled = self.core.compile_model(self.model, "CPU", config)
+            self._compiled[streams] = (compiled, [compiled.create_infer_request() for _ in range(streams)])
+        return self._compiled[streams]
 
-    def _queue(self, streams: int) -> tuple[Any, Any]:
-        """The model compiled for ``streams`` streams, and a queue of one request per stream."""
-        if streams not in self._queues:
-            import openvino as ov
-
-            compiled = self.core.compile_model(self.model, "CPU", self.config(streams))
-            self._queues[streams] = (compiled, ov.AsyncInferQueue(compiled, streams))
-        return self._queues[streams]
+    def each_image(self, x: np.ndarray) -> Iterator[Any]:
+        """Run ``x`` one image per request, as many at a time as there are streams; yield each request once its
+        image is done, in image order (its outputs are overwritten by its next image)."""
+        _, requests = self.requests(self.streams(len(x)))
+        for start in range(0, len(x), len(requests)):
+            running = requests[: len(x) - start]
+            for j, request in enumerate(running):
+                request.start_async({"images": x[start + j : start + j + 1]}, share_inputs=True)
+            for request in running:
+                request.wait()
+                yield request
 
     def __call__(self, x: np.ndarray) -> Outputs:
-        compiled, queue = self._queue(self.streams(len(x)))
+        compiled, _ = self.requests(self.streams(len(x)))
         outputs = [compiled.output(name) for name in OUTPUTS]
-        rows: list[list[np.ndarray]] = [[] for _ in x]
-
-        def collect(request: Any, i: int) -> None:  # copies: the request's buffers are reused by the next image
-            rows[i] = [request.get_tensor(output).data.copy() for output in outputs]
-
-        queue.set_callback(collect)
-        for i in range(len(x)):
-            queue.start_async({"images": x[i : i + 1]}, userdata=i, share_inputs=True)
-        queue.wait_all()
+        rows = [[request.get_tensor(output).data.copy() for output in outputs] for request in self.each_image(x)]
         score, amap, templates = (np.concatenate(parts) for parts in zip(*rows, strict=True))
         return score, amap, templates
 
