@@ -935,7 +935,7 @@ def _runtime_markdown(r: dict[str, Any]) -> list[str]:
             f"### Where the time goes: OpenVINO, `{name}`, batch {spent['batch']}",
             "",
             f"Per-node timers of the fastest of 5 batches ({spent['wall_ms']:.1f} ms wall, {spent['nodes_ms']:.1f} ms "
-            f"in nodes), run as served: one image per request on {spent.get('streams', 1)} single-threaded "
+            f"in nodes), run as served: one image per request on {spent['streams']} single-threaded "
             "stream(s), summed over the batch per operation and kernel; the ten largest.",
             "",
             "| operation (kernel) | ms per batch | share |",
